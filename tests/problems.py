@@ -1,0 +1,45 @@
+"""Small deterministic problems and float64 references shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def least_squares(shape, seed=0, samples=64):
+    """``f(W) = 0.5 ||X W - Y||_F^2 / samples`` for W of ``shape`` (float64 data)."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    X = torch.randn(samples, m, generator=g, dtype=torch.float64)
+    Y = torch.randn(samples, n, generator=g, dtype=torch.float64)
+    W0 = torch.randn(m, n, generator=g, dtype=torch.float64) / m**0.5
+
+    def grad(W):
+        return X.T @ (X @ W - Y) / samples
+
+    def loss(W):
+        Xc, Yc = X.to(W.dtype), Y.to(W.dtype)
+        return 0.5 * (Xc @ W - Yc).square().sum() / samples
+
+    return W0, grad, loss
+
+
+def run_optimizer(make_opt, W0, grad, steps, dtype=torch.float32):
+    """Run ``steps`` steps of ``make_opt([W])`` with gradients ``grad(W)`` computed in float64
+    and cast to ``dtype`` (so references see the same gradients); return float64 iterates."""
+    W = torch.nn.Parameter(W0.to(dtype).clone())
+    opt = make_opt([W])
+    iterates = []
+    for _ in range(steps):
+        W.grad = grad(W.detach().double()).to(dtype)
+        opt.step()
+        iterates.append(W.detach().double().clone())
+    return iterates, opt
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def eigh_inverse_sqrt(V):
+    e, Q = torch.linalg.eigh(V)
+    return (Q * e.rsqrt()) @ Q.T
