@@ -313,3 +313,44 @@ def test_state_dict_roundtrip_weights_only_resumes_exactly():
     run(ps_c, opt_c, grads[5:])
     for a, c in zip(ps_a, ps_c):
         assert torch.equal(a, c)
+
+
+def test_failed_root_keeps_previous_root_and_is_counted(monkeypatch):
+    torch.manual_seed(5)
+    W = torch.nn.Parameter(torch.randn(6, 10))
+    opt = asgo.ASGO([W], momentum=0.0, update_rms=None, lr=0.1)
+    original = asgo_module.inverse_sqrt
+
+    def failing(V, **kw):
+        X, ok = original(V, **kw)
+        return torch.full_like(X, float("nan")), torch.zeros_like(ok)
+
+    monkeypatch.setattr(asgo_module, "inverse_sqrt", failing)
+    W0 = W.detach().clone()
+    G = torch.randn(6, 10)
+    W.grad = G.clone()
+    opt.step()
+    # identity before the first root: the update is the (unscaled) momentum = G
+    torch.testing.assert_close(W.detach(), W0 * (1 - 0.1 * 0.1) - 0.1 * G)
+    assert torch.equal(opt.state[W]["inv_root"][0], torch.eye(6))
+    assert opt.diagnostics() == {"skipped_steps": 0, "root_failures": 1}
+
+    monkeypatch.setattr(asgo_module, "inverse_sqrt", original)
+    W.grad = G.clone()
+    opt.step()
+    good_root = opt.state[W]["inv_root"].clone()
+    assert not torch.equal(good_root[0], torch.eye(6))
+    monkeypatch.setattr(asgo_module, "inverse_sqrt", failing)
+    W.grad = G.clone()
+    opt.step()
+    assert torch.equal(opt.state[W]["inv_root"], good_root)
+    assert torch.isfinite(W).all()
+    assert opt.diagnostics()["root_failures"] == 2
+
+
+def test_overflowing_preconditioner_never_yields_a_non_finite_step():
+    W = torch.nn.Parameter(torch.randn(4, 8))
+    opt = asgo.ASGO([W])
+    W.grad = torch.full((4, 8), 1e25)
+    opt.step()
+    assert torch.isfinite(W).all()

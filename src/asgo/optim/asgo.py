@@ -167,9 +167,11 @@ class ASGO(MatrixOptimizer):
             roots, ok = inverse_sqrt(
                 _cat([entries[i][2]["preconditioner"] for i in due]),
                 method=group["root_method"], steps=group["root_steps"], eps=group["eps"])
-            for i, root, ok_i in zip(due, roots.split([sizes[i] for i in due]), ok.split([sizes[i] for i in due])):
+            due_sizes = [sizes[i] for i in due]
+            for i, root, ok_i in zip(due, roots.split(due_sizes), ok.split(due_sizes)):
                 state = entries[i][2]
-                state["inv_root"].copy_(torch.where(ok_i[:, None, None], root, state["inv_root"]))
+                keep_old = (~ok_i | ~active[i].bool())[:, None, None]
+                state["inv_root"].copy_(torch.where(keep_old, state["inv_root"], root))
                 state["root_failures"] += (~ok_i).sum()
 
         update = _cat([state["inv_root"] for _, _, state in entries]) @ _cat(
