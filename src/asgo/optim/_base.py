@@ -91,6 +91,17 @@ def check_matrix_params(optimizer_name: str, params: Iterable[Tensor], first_ind
                 f"{tuple(p.shape)} is {what}: {ROUTING_HINT}")
 
 
+def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of every state tensor to its parameter's dtype:
+    reload each saved tensor with its saved dtype, on the parameter's device."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, saved in state_dict["state"].items():
+        p = params[index]
+        for key, value in saved.items():
+            if torch.is_tensor(value) and key != "step":
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)
+
+
 class MatrixOptimizer(torch.optim.Optimizer):
     """Base for optimizers whose state is kept in float32 (float64 for float64 parameters).
 
@@ -122,12 +133,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, saved in state_dict["state"].items():
-            p = params[index]
-            for key, value in saved.items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+        restore_state_dtypes(self, state_dict)
 
     def diagnostics(self) -> dict[str, int]:
         """Totals of the fault counters over all parameters (synchronises; call outside step)."""
