@@ -107,6 +107,10 @@ def test_hyperparameters_reach_each_optimizer():
     assert {g["lr"] for g in default.param_groups} == {0.05}
     with pytest.raises(ValueError, match="beta2"):
         asgo.build_optimizer(TinyGPT(), "asgo", beta2=1.5)
+    with pytest.raises(ValueError, match=r"ASGO takes no hyper-parameter \['bta2'\]"):
+        asgo.build_optimizer(TinyGPT(), "asgo", bta2=0.9)
+    with pytest.raises(ValueError, match=r"AdamW takes no hyper-parameter \['beta1'\]"):
+        asgo.build_optimizer(TinyGPT(), "asgo", adamw={"beta1": 0.9})
 
 
 def test_trains_and_state_dict_round_trip_is_exact():

@@ -28,13 +28,14 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from asgo.optim import ASGO, DASGO
+from asgo.optim import ASGO, DASGO, Adafactor
 from asgo.optim._base import is_embedding, restore_state_dtypes
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "asgo": ASGO,
     "dasgo": DASGO,
     "adamw": torch.optim.AdamW,
+    "adafactor": Adafactor,
 }
 
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")
@@ -192,22 +193,25 @@ def build_optimizer(model: nn.Module, name: str, *, adamw: Mapping | None = None
     routed = route_parameters(model, name, routes, headwise)
     matrix_lr = hyperparams.get("lr", inspect.signature(OPTIMIZERS[name]).parameters["lr"].default)
     settings = {name: dict(hyperparams), "adamw": {**ADAMW_DEFAULTS, "lr": matrix_lr, **(adamw or {})}}
-    if name == "adamw":
-        settings["adamw"] = {**settings["adamw"], **hyperparams}
+    for algorithm, values in settings.items():
+        accepted = set(inspect.signature(OPTIMIZERS[algorithm]).parameters) - {"params"}
+        unknown = sorted(set(values) - accepted)
+        if unknown:
+            raise ValueError(f"{OPTIMIZERS[algorithm].__name__} takes no hyper-parameter {unknown}; "
+                             f"valid: {sorted(accepted)}")
 
-    groups: dict[str, dict[int, list[Tensor]]] = {}
+    grouped: dict[tuple[str, int, bool], list[Tensor]] = {}
     for r in routed:
-        groups.setdefault(r.algorithm, {}).setdefault(r.num_heads, []).append(r.param)
-    optimizers = {}
-    for algorithm, by_heads in groups.items():
-        param_groups = []
-        for heads, params in by_heads.items():
-            group = {"params": params, "algorithm": algorithm}
-            if heads > 1:
-                group["num_heads"] = heads
-            param_groups.append(group)
-        kwargs = settings.get(algorithm, {}) if algorithm in (name, "adamw") else {}
-        optimizers[algorithm] = OPTIMIZERS[algorithm](param_groups, **kwargs)
+        is_matrix_method = r.algorithm == name and r.role in ("matrix", "user")
+        grouped.setdefault((r.algorithm, r.num_heads, is_matrix_method), []).append(r.param)
+    param_groups: dict[str, list[dict]] = {}
+    for (algorithm, heads, is_matrix_method), params in grouped.items():
+        group = {"params": params, "algorithm": algorithm}
+        group.update(settings[name] if is_matrix_method else settings.get(algorithm, {}))
+        if heads > 1:
+            group["num_heads"] = heads
+        param_groups.setdefault(algorithm, []).append(group)
+    optimizers = {algorithm: OPTIMIZERS[algorithm](groups) for algorithm, groups in param_groups.items()}
     optimizer = RoutedOptimizer(optimizers, routed)
     if report_to is not None:
         report_to.write(optimizer.report() + "\n")

@@ -1,7 +1,8 @@
 """Optimizers, one per module."""
 
 from asgo.optim._base import mark_as_embedding
+from asgo.optim.adafactor import Adafactor
 from asgo.optim.asgo import ASGO
 from asgo.optim.dasgo import DASGO
 
-__all__ = ["ASGO", "DASGO", "mark_as_embedding"]
+__all__ = ["ASGO", "DASGO", "Adafactor", "mark_as_embedding"]
