@@ -174,3 +174,11 @@ def test_report_lists_every_parameter_with_state_bytes():
 def test_route_parameters_is_usable_alone():
     routes = route_parameters(TinyGPT(), "dasgo")
     assert {r.role for r in routes} == {"embedding", "vector", "matrix"}
+
+
+def test_adamw_everywhere_decays_only_matrices():
+    opt = asgo.build_optimizer(TinyGPT(), "adamw", lr=1e-3, weight_decay=0.1)
+    assert set(opt.optimizers) == {"adamw"}
+    for g in opt.param_groups:
+        is_matrix = all(p.ndim == 2 for p in g["params"]) and g["params"][0].shape[0] != 50
+        assert g["weight_decay"] == (0.1 if is_matrix else 0.0)

@@ -192,8 +192,9 @@ def build_optimizer(model: nn.Module, name: str, *, adamw: Mapping | None = None
         raise ValueError(f"unknown optimizer {name!r}; valid names: {sorted(OPTIMIZERS)}")
     routed = route_parameters(model, name, routes, headwise)
     matrix_lr = hyperparams.get("lr", inspect.signature(OPTIMIZERS[name]).parameters["lr"].default)
-    settings = {name: dict(hyperparams), "adamw": {**ADAMW_DEFAULTS, "lr": matrix_lr, **(adamw or {})}}
-    for algorithm, values in settings.items():
+    matrix_settings = dict(hyperparams)
+    adamw_settings = {**ADAMW_DEFAULTS, "lr": matrix_lr, **(adamw or {})}
+    for algorithm, values in ((name, matrix_settings), ("adamw", adamw_settings)):
         accepted = set(inspect.signature(OPTIMIZERS[algorithm]).parameters) - {"params"}
         unknown = sorted(set(values) - accepted)
         if unknown:
@@ -207,7 +208,10 @@ def build_optimizer(model: nn.Module, name: str, *, adamw: Mapping | None = None
     param_groups: dict[str, list[dict]] = {}
     for (algorithm, heads, is_matrix_method), params in grouped.items():
         group = {"params": params, "algorithm": algorithm}
-        group.update(settings[name] if is_matrix_method else settings.get(algorithm, {}))
+        if is_matrix_method:
+            group.update(matrix_settings)
+        elif algorithm == "adamw":
+            group.update(adamw_settings)
         if heads > 1:
             group["num_heads"] = heads
         param_groups.setdefault(algorithm, []).append(group)

@@ -1,0 +1,91 @@
+"""Metrics to CSV and JSONL in the run directory, TensorBoard by default, W&B when enabled."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Append-only metric rows ``{step, split, loss, ...}`` to ``metrics.csv`` and ``metrics.jsonl``."""
+
+    FIELDS = ("step", "split", "loss", "perplexity", "lr", "tokens_per_s", "tokens", "time_s")
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True, wandb_config: dict | None = None,
+                 resume: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        new = not (resume and self.csv_path.exists())
+        mode = "w" if new else "a"
+        self._csv_file = open(self.csv_path, mode, newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.FIELDS, extrasaction="ignore")
+        if new:
+            self._csv.writeheader()
+        self._jsonl = open(self.jsonl_path, mode)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        self._wandb = None
+        if wandb_config is not None:
+            import wandb
+
+            self._wandb = wandb.init(**wandb_config)
+
+    def log(self, row: dict) -> None:
+        if "loss" in row and "perplexity" not in row and row.get("split") == "val":
+            row = {**row, "perplexity": math.exp(min(row["loss"], 50.0))}
+        self._csv.writerow(row)
+        self._csv_file.flush()
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        step, split = row["step"], row.get("split", "train")
+        numeric = {k: v for k, v in row.items() if k not in ("step", "split") and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def close(self) -> None:
+        self._csv_file.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (v if k == "split" else float(v)) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(f)]
+
+
+def plot_losses(metrics_csv: Path, out_png: Path, title: str = "") -> Path:
+    """Train and validation loss against step, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for split, style in (("train", "-"), ("val", "o-")):
+        points = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+        if points:
+            ax.plot(*zip(*points), style, label=split, alpha=0.8 if split == "train" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

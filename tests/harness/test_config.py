@@ -1,0 +1,82 @@
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+import asgo
+from asgo.harness.config import CONFIG_DIR, optimizer_from_config
+
+OPTIMIZER_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.n_head = 2
+        self.q_proj, self.k_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = torch.nn.Embedding(10, 8)
+        self.attn = Attention()
+        self.fc = torch.nn.Linear(8, 16)
+        self.ln = torch.nn.LayerNorm(16)
+
+
+def compose_config(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_every_optimizer_has_a_config():
+    assert set(OPTIMIZER_CONFIGS) >= {"asgo", "dasgo", "adamw"}
+    assert set(OPTIMIZER_CONFIGS) <= set(asgo.routing.OPTIMIZERS)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_CONFIGS)
+def test_every_hyperparameter_reaches_the_optimizer(name):
+    """Change every numeric key of the config and check the optimizer's groups carry it."""
+    cfg = compose_config(f"optimizer={name}").optimizer
+    changed = {}
+    for key, value in cfg.items():
+        if isinstance(value, bool) or key in ("name", "adamw", "headwise", "total_steps"):
+            continue
+        if isinstance(value, (int, float)):
+            new = value + 1 if isinstance(value, int) else value * 0.5
+            cfg[key] = changed[key] = new
+    opt = optimizer_from_config(Model(), cfg, train_steps=100)
+    groups = [g for g in opt.param_groups if g["algorithm"] == name and g.get("weight_decay") == cfg.get("weight_decay")]
+    assert groups, opt.param_groups
+    for key, value in changed.items():
+        group_key = "lr" if key == "learning_rate" else key
+        assert all(g[group_key] == value for g in groups), key
+    assert changed, "no numeric hyper-parameter found"
+
+
+def test_adamw_group_settings_and_default_lr():
+    cfg = compose_config("optimizer=asgo", "optimizer.learning_rate=0.03").optimizer
+    opt = optimizer_from_config(Model(), cfg, train_steps=10)
+    adamw = [g for g in opt.param_groups if g["algorithm"] == "adamw"]
+    assert adamw and all(g["lr"] == 0.03 and g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.0 for g in adamw)
+    cfg.adamw.learning_rate = 1e-3
+    opt = optimizer_from_config(Model(), cfg, train_steps=10)
+    assert {g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"} == {1e-3}
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(Exception, match="bogus"):
+        compose_config("optimizer.bogus=1")
+    cfg = compose_config("optimizer=asgo").optimizer
+    with open_dict(cfg):
+        cfg.bogus = 1
+    with pytest.raises(ValueError, match="bogus"):
+        optimizer_from_config(Model(), cfg, train_steps=10)
+
+
+def test_seed_readme_overrides_compose():
+    cfg = compose_config("dataset=shakespeare_char", "model=tiny", "optimizer=asgo", "train.batch_size=32",
+                         "train.train_steps=300", "optimizer.learning_rate=0.01", "train.dataset_path=/data")
+    assert (cfg.train.batch_size, cfg.train.train_steps, cfg.optimizer.learning_rate) == (32, 300, 0.01)
+    assert cfg.train.dataset_path == "/data" and OmegaConf.is_missing(cfg, "train") is False

@@ -1,0 +1,56 @@
+import json
+import math
+
+import pytest
+import torch
+
+from asgo.harness.checkpoint import load_checkpoint, save_checkpoint
+from asgo.harness.metrics import MetricsLogger, plot_losses, read_metrics
+from asgo.harness.schedule import warmup_cosine
+
+
+def test_warmup_then_cosine_to_floor():
+    total, warmup, floor = 100, 10, 0.02
+    f = [warmup_cosine(s, total, warmup, floor) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:9], f[1:10]))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[55] == pytest.approx(floor + (1 - floor) * 0.5)
+    assert f[100] == pytest.approx(floor)
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    with pytest.raises(FileNotFoundError, match="train.resume"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_metrics_csv_jsonl_tensorboard_and_plot(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        logger.log({"step": step, "split": "train", "loss": 4.0 / step, "lr": 1e-3})
+    logger.log({"step": 5, "split": "val", "loss": 1.0})
+    logger.close()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert len(rows) == 6 and rows[-1]["perplexity"] == pytest.approx(math.e)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"step": 1, "split": "train", "loss": 4.0, "lr": 1e-3}
+    assert any((tmp_path / "tensorboard").iterdir())
+    png = plot_losses(tmp_path / "metrics.csv", tmp_path / "loss.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resume=True)
+    resumed.log({"step": 6, "split": "train", "loss": 0.5})
+    resumed.close()
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 7
