@@ -28,7 +28,7 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from asgo.optim import ASGO, DASGO, Adafactor
+from asgo.optim import ASGO, DASGO, Adafactor, Shampoo
 from asgo.optim._base import is_embedding, restore_state_dtypes
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -36,6 +36,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "dasgo": DASGO,
     "adamw": torch.optim.AdamW,
     "adafactor": Adafactor,
+    "shampoo": Shampoo,
 }
 
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")

@@ -13,6 +13,9 @@ OPTIMIZERS = {
     "asgo_eigh_tau3": lambda params, **kw: asgo.ASGO(params, root_method="eigh", precondition_frequency=3, **kw),
     "asgo_newton_schulz": lambda params, **kw: asgo.ASGO(params, root_method="newton_schulz", **kw),
     "dasgo": lambda params, **kw: asgo.DASGO(params, **kw),
+    "shampoo": lambda params, **kw: asgo.Shampoo(params, **kw),
+    "shampoo_eigh_tau2_blocked": lambda params, **kw: asgo.Shampoo(
+        params, root_method="eigh", precondition_frequency=2, max_preconditioner_dim=4, **kw),
     "adafactor": lambda params, **kw: asgo.Adafactor(params, **kw),
     "adafactor_clip_momentum": lambda params, **kw: asgo.Adafactor(params, clip_alpha=2.0, beta1=0.9, **kw),
 }
@@ -23,10 +26,13 @@ BAD_ARGUMENTS = {
              ("eps", -1e-8), ("weight_decay", -0.1), ("precondition_frequency", 0),
              ("precondition_frequency", 2.5), ("start_preconditioning_step", 0),
              ("root_method", "svd"), ("root_steps", 0), ("update_rms", 0.0), ("num_heads", 0)],
+    "shampoo": [("lr", -1.0), ("momentum", 1.0), ("beta2", 1.0), ("eps", -1.0), ("weight_decay", -1.0),
+                ("precondition_frequency", 0), ("root_method", "qr"), ("grafting", "sgd"),
+                ("max_preconditioner_dim", 0)],
     "dasgo": [("lr", -1.0), ("momentum", 1.0), ("beta2", 1.5), ("beta2", -0.5), ("eps", 0.0),
               ("weight_decay", -1.0), ("update_rms", -0.2)],
 }
-CLASSES = {"asgo": asgo.ASGO, "dasgo": asgo.DASGO}
+CLASSES = {"asgo": asgo.ASGO, "dasgo": asgo.DASGO, "shampoo": asgo.Shampoo}
 
 
 def params_and_grads(dtype=torch.float32, seed=0):

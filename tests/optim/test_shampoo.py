@@ -1,0 +1,588 @@
+import copy
+import io
+
+import pytest
+import torch
+from problems import least_squares, rel_err, run_optimizer
+
+import asgo
+from asgo.optim import shampoo as shampoo_module
+from asgo.linalg import inverse_fourth_root
+from asgo.optim.shampoo import Shampoo, block_plan
+
+SHAPES = [(8, 32), (32, 8), (16, 16)]
+HPARAMS = dict(lr=5e-3, momentum=0.9, beta2=0.999, eps=1e-10, weight_decay=0.1)
+F64_FLOOR = 16 * torch.finfo(torch.float64).eps
+F32_FLOOR = 16 * torch.finfo(torch.float32).eps
+
+
+def eigh_power(A, power):
+    e, Q = torch.linalg.eigh(A)
+    return (Q * e.pow(power)) @ Q.T
+
+
+def damped_fourth_root(A, eps, floor):
+    eye = torch.eye(A.shape[0], dtype=torch.float64)
+    return eigh_power(A + (eps + floor * A.norm()) * eye, -0.25)
+
+
+def shampoo_reference(W0, grad, steps, *, lr, momentum, beta2, eps, weight_decay, grafting,
+                      grafting_eps=1e-10, tau=1, start=1, floor=F64_FLOOR):
+    """Shampoo as documented, in float64 from the equations (eigh roots, whole matrix)."""
+    W = W0.double().clone()
+    m, n = W.shape
+    M, v = torch.zeros_like(W), torch.zeros_like(W)
+    L, R = torch.zeros(m, m, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    P, Q = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+    iterates = []
+    for t in range(1, steps + 1):
+        G = grad(W)
+        M = momentum * M + (1 - momentum) * G
+        v = beta2 * v + (1 - beta2) * G * G
+        L = beta2 * L + (1 - beta2) * G @ G.T
+        R = beta2 * R + (1 - beta2) * G.T @ G
+        if t >= start and (t - start) % tau == 0:
+            P, Q = damped_fourth_root(L, eps, floor), damped_fourth_root(R, eps, floor)
+        U = P @ M @ Q
+        if grafting == "adam":
+            U = U * (M / (v + grafting_eps).sqrt()).norm() / U.norm()
+        W = W * (1 - lr * weight_decay) - lr * U
+        iterates.append(W.clone())
+    return iterates
+
+
+def authors_shampoo_step(W, G, state, lr=5e-3, beta1=0.9, beta2=0.999, eps=1e-10, wd=0.1):
+    """The ASGO authors' Shampoo baseline step for a matrix (papers.md section 1): lerp moments,
+    L/R EMAs with beta2, (X + eps I)^(-1/4) by coupled Newton (p = 4, tolerance 1e-6, at most 50
+    iterations), U = P M Q grafted to ||M / sqrt(v + eps)||_F, decoupled weight decay."""
+
+    def coupled_newton_inverse_fourth_root(A):
+        eye = torch.eye(A.shape[0], dtype=A.dtype)
+        A = A + eps * eye
+        z = 5 / (2 * A.norm())
+        X, Mt = z ** 0.25 * eye, z * A
+        for _ in range(50):
+            if (Mt - eye).norm() / Mt.norm() <= 1e-6:
+                break
+            Mp = 1.25 * eye - 0.25 * Mt
+            X = X @ Mp
+            Mt = torch.linalg.matrix_power(Mp, 4) @ Mt
+        return X
+
+    m, n = W.shape
+    if not state:
+        state.update(M=torch.zeros_like(W), v=torch.zeros_like(W),
+                     L=torch.zeros(m, m, dtype=W.dtype), R=torch.zeros(n, n, dtype=W.dtype))
+    state["M"].lerp_(G, 1 - beta1)
+    state["v"].lerp_(G * G, 1 - beta2)
+    state["L"].lerp_(G @ G.T, 1 - beta2)
+    state["R"].lerp_(G.T @ G, 1 - beta2)
+    U = (coupled_newton_inverse_fourth_root(state["L"]) @ state["M"]
+         @ coupled_newton_inverse_fourth_root(state["R"]))
+    U = U * (state["M"] / (state["v"] + eps).sqrt()).norm() / U.norm()
+    W.mul_(1 - lr * wd).sub_(lr * U)
+
+
+# --- the fourth root --------------------------------------------------------------------------
+
+def spd(s, cond, seed=0, rank=None):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=torch.float64))
+    e = torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), s, dtype=torch.float64)
+    if rank is not None:
+        e[rank:] = 0
+    return (Q * e) @ Q.T
+
+
+@pytest.mark.parametrize("s", [8, 64])
+@pytest.mark.parametrize("cond", [1e1, 1e3, 1e6])
+def test_inverse_fourth_root_float64_eigh_is_exact(s, cond):
+    """root^4 (A + delta I) = I with delta = eps + 16 finfo.eps ||A||_F (measured 4.5e-11)."""
+    A = spd(s, cond)
+    root, ok = inverse_fourth_root(A, method="eigh", eps=1e-10)
+    assert ok.item() and root.dtype == torch.float64
+    torch.testing.assert_close(root, root.T, rtol=0, atol=0)
+    eye = torch.eye(s, dtype=torch.float64)
+    A_d = A + (1e-10 + F64_FLOOR * A.norm()) * eye
+    assert (root @ root @ root @ root @ A_d - eye).norm() / s**0.5 < 1e-9
+
+
+# measured worst relative errors (float32, 10 steps, s = 8 and 64) for cond 1e1 / 1e3 / 1e6:
+# eigh 7.3e-7 / 1.1e-5 / 7.2e-3, polar_express 1.4e-6 / 2.6e-6 / 9.1e-4,
+# newton_schulz 2.5e-7 / 1.3e-6 / 7.5e-3
+FOURTH_ROOT_TOL = {"eigh": (1e-5, 1e-4, 5e-2), "polar_express": (1e-5, 3e-5, 5e-3),
+                   "newton_schulz": (5e-6, 2e-5, 5e-2)}
+
+
+@pytest.mark.parametrize("method", ["eigh", "polar_express", "newton_schulz"])
+def test_inverse_fourth_root_float32_accuracy(method):
+    """Against the float64 root of the same float32 matrix with the float32 damping floor."""
+    for s in (8, 64):
+        for cond, tol in zip((1e1, 1e3, 1e6), FOURTH_ROOT_TOL[method]):
+            A = spd(s, cond, seed=s).float()
+            root, ok = inverse_fourth_root(A, method=method, eps=1e-10)
+            assert ok.item() and root.dtype == torch.float32
+            ref = damped_fourth_root(A.double(), 1e-10, F32_FLOOR)
+            assert rel_err(root.double(), ref) < tol, (s, cond)
+
+
+@pytest.mark.parametrize("method", ["eigh", "polar_express", "newton_schulz"])
+def test_inverse_fourth_root_rank_deficient_float32_stays_bounded(method):
+    """A rank-deficient float32 statistic (Shampoo's R while rows < columns): with the round-off
+    floor every method is finite and the gain on the null space stays below (16 eps)^(-1/4) = 27
+    times the gain on the top eigenvalue (measured 20.5 to 21.3)."""
+    A = spd(64, 1e2, rank=16).float()
+    for batch in (A, torch.stack([A, 2 * A])):
+        root, ok = inverse_fourth_root(batch, method=method, eps=1e-10)
+        assert ok.all()
+        gain = torch.linalg.matrix_norm(root.double(), ord=2) * torch.linalg.matrix_norm(
+            batch.double(), ord=2) ** 0.25
+        assert (gain < 27).all(), gain
+
+
+def test_without_the_roundoff_floor_polar_express_diverges(monkeypatch):
+    """Why the floor exists: eps = 1e-10 alone leaves round-off eigenvalues of either sign."""
+    A = spd(64, 1e2, rank=16).float()
+    monkeypatch.setattr(asgo.linalg, "ROUNDOFF_DAMPING", 0.0)
+    _, ok = inverse_fourth_root(A, method="polar_express", eps=1e-10)
+    assert not ok.item()
+    root, _ = inverse_fourth_root(A, method="eigh", eps=1e-10)
+    gain = torch.linalg.matrix_norm(root.double(), ord=2) * torch.linalg.matrix_norm(
+        A.double(), ord=2) ** 0.25
+    assert gain > 100
+
+
+def test_inverse_fourth_root_non_finite_input_fails_cleanly():
+    A = torch.stack([spd(8, 10).float(), torch.full((8, 8), float("inf"))])
+    for method in ["eigh", "polar_express", "newton_schulz"]:
+        root, ok = inverse_fourth_root(A, method=method, eps=1e-10)
+        assert ok.tolist() == [True, False]
+        assert torch.isfinite(root[0]).all()
+
+
+# --- the optimizer against references ---------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("grafting", ["adam", "none"])
+def test_matches_float64_reference_eigh(shape, grafting):
+    """float64 parameters compute in float64: the iterates' displacement matches the reference
+    to 1e-9 (measured worst 5e-11, on the rank-deficient side of (8, 32))."""
+    W0, grad, _ = least_squares(shape)
+    hp = dict(HPARAMS, grafting=grafting, lr=5e-3 if grafting == "adam" else 1e-3)
+    ref = shampoo_reference(W0, grad, 10, **hp)
+    got, opt = run_optimizer(lambda p: Shampoo(p, root_method="eigh", **hp), W0, grad, 10,
+                             torch.float64)
+    for t in range(10):
+        assert rel_err(got[t] - W0, ref[t] - W0) < 1e-9, t
+    assert opt.diagnostics() == {"skipped_steps": 0, "root_failures": 0}
+
+
+# measured worst displacement errors over 10 steps (float32, vs the reference with the float32
+# round-off floor): eigh 2.6e-5, polar_express 1.6e-4, newton_schulz 5.2e-5, all on the
+# rank-deficient (8, 32) / (32, 8); (16, 16) 7e-6 / 3e-6 / 2e-6
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("method,tol", [("eigh", 2e-4), ("polar_express", 1e-3),
+                                        ("newton_schulz", 5e-4)])
+def test_float32_root_methods_match_reference(shape, method, tol):
+    W0, grad, _ = least_squares(shape)
+    hp = dict(HPARAMS, grafting="adam")
+    ref = shampoo_reference(W0, grad, 10, floor=F32_FLOOR, **hp)
+    got, opt = run_optimizer(lambda p: Shampoo(p, root_method=method, **hp), W0, grad, 10)
+    W0 = W0.float().double()
+    for t in range(10):
+        assert rel_err(got[t] - W0, ref[t] - W0) < tol, t
+    assert opt.diagnostics()["root_failures"] == 0
+
+
+@pytest.mark.parametrize("method,tol", [("polar_express", 1e-3), ("newton_schulz", 5e-3)])
+def test_float64_iterative_roots_match_reference(method, tol):
+    """In float64 the only difference is the iterations' truncation of tiny eigenvalues
+    (measured: polar_express 1.4e-4, newton_schulz 8.7e-4 on (8, 32))."""
+    W0, grad, _ = least_squares((8, 32))
+    hp = dict(HPARAMS, grafting="none", lr=1e-3)
+    ref = shampoo_reference(W0, grad, 10, **hp)
+    got, _ = run_optimizer(lambda p: Shampoo(p, root_method=method, **hp), W0, grad, 10,
+                           torch.float64)
+    assert max(rel_err(g - W0, r - W0) for g, r in zip(got, ref)) < tol
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (8, 12)])
+def test_reproduces_authors_baseline_in_float64(shape):
+    """Same defaults as the authors' Shampoo; their coupled Newton stops at tolerance 1e-6
+    (measured 9e-8)."""
+    W0, grad, _ = least_squares(shape)
+    W_authors, state = W0.clone(), {}
+    got, _ = run_optimizer(lambda p: Shampoo(p, root_method="eigh"), W0, grad, 10, torch.float64)
+    for t in range(10):
+        authors_shampoo_step(W_authors, grad(W_authors), state)
+        assert rel_err(got[t] - W0, W_authors - W0) < 1e-6, t
+
+
+def test_defaults_are_the_authors_values():
+    d = Shampoo([torch.nn.Parameter(torch.zeros(2, 3))]).defaults
+    assert (d["lr"], d["momentum"], d["beta2"], d["eps"], d["weight_decay"]) == (
+        5e-3, 0.9, 0.999, 1e-10, 0.1)
+    assert (d["precondition_frequency"], d["grafting"], d["grafting_eps"]) == (1, "adam", 1e-10)
+    assert (d["root_method"], d["root_steps"], d["max_preconditioner_dim"]) == (
+        "polar_express", 10, 8192)
+
+
+def test_grafting_sets_the_adam_norm():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(6, 10, dtype=torch.float64))
+    opt = Shampoo([W], lr=1.0, weight_decay=0.0, root_method="eigh")
+    for _ in range(3):
+        W0 = W.detach().clone()
+        W.grad = torch.randn_like(W)
+        opt.step()
+        state = opt.state[W]
+        adam = state["momentum"] / (state["exp_avg_sq"] + 1e-10).sqrt()
+        assert (W0 - W.detach()).norm().item() == pytest.approx(adam.norm().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("tau,start", [(3, 1), (2, 4)])
+def test_precondition_frequency_and_start(tau, start):
+    W0, grad, _ = least_squares((8, 32))
+    hp = dict(HPARAMS, grafting="adam")
+    ref = shampoo_reference(W0, grad, 9, tau=tau, start=start, **hp)
+    got, _ = run_optimizer(
+        lambda p: Shampoo(p, root_method="eigh", precondition_frequency=tau,
+                          start_preconditioning_step=start, **hp), W0, grad, 9, torch.float64)
+    for t in range(9):
+        assert rel_err(got[t] - W0, ref[t] - W0) < 1e-9, t
+    every_step = shampoo_reference(W0, grad, 9, **hp)
+    assert rel_err(every_step[-1] - W0, ref[-1] - W0) > 1e-4
+
+
+def test_roots_cached_between_root_steps():
+    W = torch.nn.Parameter(torch.randn(6, 10))
+    opt = Shampoo([W], precondition_frequency=3)
+    roots = []
+    for _ in range(6):
+        W.grad = torch.randn_like(W)
+        opt.step()
+        roots.append((opt.state[W]["left_root"].clone(), opt.state[W]["right_root"].clone()))
+    for side in (0, 1):
+        assert torch.equal(roots[0][side], roots[1][side]) and torch.equal(roots[1][side], roots[2][side])
+        assert not torch.equal(roots[2][side], roots[3][side])
+        assert torch.equal(roots[3][side], roots[5][side])
+
+
+def test_before_start_the_update_is_grafted_momentum():
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64))
+    opt = Shampoo([W], lr=0.1, weight_decay=0.0, grafting="none", start_preconditioning_step=3)
+    W0, G = W.detach().clone(), torch.randn(5, 7, dtype=torch.float64)
+    W.grad = G.clone()
+    opt.step()
+    torch.testing.assert_close(W.detach(), W0 - 0.1 * 0.1 * G, rtol=0, atol=1e-15)
+    assert torch.equal(opt.block_factors(W)[0]["left_root"], torch.eye(5, dtype=torch.float64))
+
+
+# --- blocking and batching --------------------------------------------------------------------
+
+def test_block_plan_is_a_balanced_split():
+    assert [(k.r, k.c, k.count) for k in block_plan(10, 24, 8)] == [(5, 8, 6)]
+    assert [(k.r, k.c, k.count) for k in block_plan(10, 7, 4)] == [(4, 4, 1), (4, 3, 1), (3, 4, 2), (3, 3, 2)]
+    assert [(k.r, k.c, k.count) for k in block_plan(1030, 300, 1024)] == [(515, 300, 2)]
+    assert [(k.r, k.c, k.count) for k in block_plan(6, 6, 8)] == [(6, 6, 1)]
+
+
+@pytest.mark.parametrize("shape,max_dim", [((10, 24), 8), ((10, 7), 4)])
+@pytest.mark.parametrize("grafting", ["adam", "none"])
+def test_blocked_equals_independent_blocks(shape, max_dim, grafting):
+    """Each side is split by torch.tensor_split into ceil(side / max_dim) chunks; every block
+    is updated exactly as a separate parameter (own factors, roots and grafting norm)."""
+    torch.manual_seed(2)
+    m, n = shape
+    W = torch.nn.Parameter(torch.randn(m, n))
+    k_rows, k_cols = -(-m // max_dim), -(-n // max_dim)
+    rows = torch.arange(m).tensor_split(k_rows)
+    cols = torch.arange(n).tensor_split(k_cols)
+    blocks = [torch.nn.Parameter(W.detach()[r][:, c].clone()) for r in rows for c in cols]
+    hp = dict(lr=0.01, grafting=grafting, precondition_frequency=2)
+    opt = Shampoo([W], max_preconditioner_dim=max_dim, **hp)
+    alone = [Shampoo([b], **hp) for b in blocks]
+    for _ in range(5):
+        G = torch.randn(m, n) * torch.linspace(0.1, 3, m)[:, None]
+        W.grad = G.clone()
+        for b, (r, c) in zip(blocks, [(r, c) for r in rows for c in cols]):
+            b.grad = G[r][:, c].clone()
+        opt.step()
+        for o in alone:
+            o.step()
+    factors = opt.block_factors(W)
+    assert len(factors) == len(blocks)
+    for f, b, o, (r, c) in zip(factors, blocks, alone, [(r, c) for r in rows for c in cols]):
+        assert (f["rows"].start, f["cols"].start) == (r[0].item(), c[0].item())
+        assert max(f["left"].shape[0], f["right"].shape[0]) <= max_dim
+        ref = o.block_factors(b)[0]
+        for key in ("left", "right", "left_root", "right_root"):
+            torch.testing.assert_close(f[key], ref[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(W.detach()[r][:, c], b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_changing_max_preconditioner_dim_after_the_first_step_is_refused():
+    W = torch.nn.Parameter(torch.randn(10, 24))
+    opt = Shampoo([W], max_preconditioner_dim=8)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    opt.param_groups[0]["max_preconditioner_dim"] = 12
+    with pytest.raises(ValueError, match="max_preconditioner_dim=12"):
+        opt.step()
+
+
+def test_grafting_can_be_switched_on_later():
+    W = torch.nn.Parameter(torch.randn(6, 10))
+    opt = Shampoo([W], grafting="none", lr=1e-3)
+    W.grad = torch.randn_like(W)
+    opt.step()
+    assert "exp_avg_sq" not in opt.state[W]
+    opt.param_groups[0]["grafting"] = "adam"
+    opt.step()
+    assert opt.state[W]["exp_avg_sq"].abs().sum() > 0 and torch.isfinite(W).all()
+
+
+def test_batched_equals_unbatched():
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(12, 20)) for _ in range(3)]
+    params.append(torch.nn.Parameter(torch.randn(20, 12)))
+    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    batched = Shampoo(params)
+    alone = [Shampoo([p]) for p in singles]
+    for _ in range(4):
+        for p, q in zip(params, singles):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.clone()
+        batched.step()
+        for o in alone:
+            o.step()
+    for p, q in zip(params, singles):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_root_call_per_factor_size(monkeypatch):
+    calls = []
+    original = shampoo_module.inverse_fourth_root
+
+    def spy(A, **kw):
+        calls.append(tuple(A.shape))
+        return original(A, **kw)
+
+    monkeypatch.setattr(shampoo_module, "inverse_fourth_root", spy)
+    params = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(3)]
+    params += [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(4, 4))]
+    opt = Shampoo(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(calls) == sorted([(4, 8, 8), (4, 16, 16), (2, 4, 4)])
+
+
+def test_conv_weight_viewed_as_out_by_rest():
+    torch.manual_seed(4)
+    conv = torch.nn.Parameter(torch.randn(8, 3, 3, 3))
+    flat = torch.nn.Parameter(conv.detach().reshape(8, 27).clone())
+    o1, o2 = Shampoo([conv]), Shampoo([flat])
+    for _ in range(3):
+        g = torch.randn(8, 27)
+        conv.grad, flat.grad = g.reshape(8, 3, 3, 3).clone(), g.clone()
+        o1.step()
+        o2.step()
+    torch.testing.assert_close(conv.detach().reshape(8, 27), flat.detach())
+
+
+# --- faults, state, arguments -----------------------------------------------------------------
+
+def params_and_grads(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 10), (10, 6), (10, 6), (8, 8), (4, 2, 3), (10, 9)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]
+    grads = [[torch.randn(*s, generator=g).to(dtype) for s in shapes] for _ in range(8)]
+    return params, grads
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+MAKERS = {
+    "default": lambda ps: Shampoo(ps),
+    "eigh_tau3_blocked": lambda ps: Shampoo(ps, root_method="eigh", precondition_frequency=3,
+                                            max_preconditioner_dim=4),
+    "newton_schulz_no_grafting": lambda ps: Shampoo(ps, root_method="newton_schulz",
+                                                    grafting="none", lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_non_finite_gradient_skips_and_keeps_state(make, bad):
+    params, grads = params_and_grads()
+    opt = make(params)
+    for gs in grads[:3]:
+        set_grads(params, gs)
+        opt.step()
+    before_params = [p.detach().clone() for p in params]
+    before_state = copy.deepcopy(opt.state_dict()["state"])
+    poisoned = [g.clone() for g in grads[3]]
+    poisoned[5][2, 3] = bad
+    set_grads(params, poisoned)
+    opt.step()
+    assert torch.equal(params[5], before_params[5])
+    after_state = opt.state_dict()["state"][5]
+    for key, value in before_state[5].items():
+        if key not in ("step", "skipped_steps"):
+            assert torch.equal(after_state[key], value), key
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(params[0], before_params[0])
+    assert opt.diagnostics() == {"skipped_steps": 1, "root_failures": 0}
+    set_grads(params, grads[4])
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert not torch.equal(params[5], before_params[5])
+
+
+def test_failed_root_keeps_previous_root_and_is_counted(monkeypatch):
+    torch.manual_seed(5)
+    W = torch.nn.Parameter(torch.randn(6, 10))
+    opt = Shampoo([W], momentum=0.0, grafting="none", lr=0.1)
+    original = shampoo_module.inverse_fourth_root
+
+    def failing(A, **kw):
+        X, ok = original(A, **kw)
+        return torch.full_like(X, float("nan")), torch.zeros_like(ok)
+
+    monkeypatch.setattr(shampoo_module, "inverse_fourth_root", failing)
+    W0, G = W.detach().clone(), torch.randn(6, 10)
+    W.grad = G.clone()
+    opt.step()
+    # identity roots before the first good one: the update is the momentum = G
+    torch.testing.assert_close(W.detach(), W0 * (1 - 0.1 * 0.1) - 0.1 * G)
+    f = opt.block_factors(W)[0]
+    assert torch.equal(f["left_root"], torch.eye(6)) and torch.equal(f["right_root"], torch.eye(10))
+    assert opt.diagnostics() == {"skipped_steps": 0, "root_failures": 2}  # left and right
+
+    monkeypatch.setattr(shampoo_module, "inverse_fourth_root", original)
+    W.grad = G.clone()
+    opt.step()
+    good = (opt.state[W]["left_root"].clone(), opt.state[W]["right_root"].clone())
+    assert not torch.equal(opt.block_factors(W)[0]["left_root"], torch.eye(6))
+    monkeypatch.setattr(shampoo_module, "inverse_fourth_root", failing)
+    W.grad = G.clone()
+    opt.step()
+    assert torch.equal(opt.state[W]["left_root"], good[0])
+    assert torch.equal(opt.state[W]["right_root"], good[1])
+    assert torch.isfinite(W).all()
+    assert opt.diagnostics()["root_failures"] == 4
+
+
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_zero_and_overflowing_gradients_stay_finite(make):
+    p = torch.nn.Parameter(torch.randn(6, 9))
+    opt = make([p])
+    for _ in range(3):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    assert torch.isfinite(p).all()
+    assert opt.diagnostics() == {"skipped_steps": 0, "root_failures": 0}
+    p.grad = torch.full((6, 9), 1e25)
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", MAKERS.values(), ids=MAKERS.keys())
+def test_state_dict_resume_is_exact_with_weights_only_load(make, dtype):
+    params_a, grads = params_and_grads(dtype)
+    opt_a = make(params_a)
+    for gs in grads:
+        set_grads(params_a, gs)
+        opt_a.step()
+
+    params_b, _ = params_and_grads(dtype)
+    opt_b = make(params_b)
+    for gs in grads[:4]:
+        set_grads(params_b, gs)
+        opt_b.step()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params_b], "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    params_c, _ = params_and_grads(dtype)
+    with torch.no_grad():
+        for p, v in zip(params_c, saved["params"]):
+            p.copy_(v)
+    opt_c = make(params_c)
+    opt_c.load_state_dict(saved["opt"])
+    state = opt_c.state[params_c[0]]
+    assert state["momentum"].dtype == torch.float32 and state["left"].dtype == torch.float32
+    assert state["skipped_steps"].dtype == torch.int64
+    for gs in grads[4:]:
+        set_grads(params_c, gs)
+        opt_c.step()
+    for a, c in zip(params_a, params_c):
+        assert torch.equal(a, c)
+
+
+def test_bf16_parameters_follow_float32():
+    W0, grad, loss = least_squares((16, 32))
+    ref32, _ = run_optimizer(lambda p: Shampoo(p), W0, grad, 10, torch.float32)
+    got, opt = run_optimizer(lambda p: Shampoo(p), W0, grad, 10, torch.bfloat16)
+    W = opt.param_groups[0]["params"][0]
+    assert W.dtype == torch.bfloat16 and opt.state[W]["left"].dtype == torch.float32
+    assert rel_err(got[-1] - W0.bfloat16().double(), ref32[-1] - W0.float().double()) < 0.15
+    assert loss(got[-1]) < loss(W0)
+
+
+def test_closure_param_groups_and_scheduler():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 4, bias=False))
+    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    opt = Shampoo([{"params": [model[0].weight]}, {"params": [model[2].weight], "lr": 3e-2,
+                                                   "grafting": "none"}], lr=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.98**t)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    for _ in range(30):
+        loss = opt.step(closure)
+        sched.step()
+    assert loss.item() < 0.8 * first
+    assert opt.param_groups[1]["lr"] == pytest.approx(3e-2 * 0.98**30)
+
+
+BAD_ARGUMENTS = [("lr", -1.0), ("momentum", 1.0), ("momentum", -0.1), ("beta2", 1.0),
+                 ("beta2", -0.5), ("eps", 0.0), ("eps", -1e-8), ("weight_decay", -0.1),
+                 ("precondition_frequency", 0), ("precondition_frequency", 2.5),
+                 ("start_preconditioning_step", 0), ("root_method", "svd"), ("root_steps", 0),
+                 ("grafting", "sgd"), ("grafting_eps", 0.0), ("max_preconditioner_dim", 0),
+                 ("max_preconditioner_dim", 512.0)]
+
+
+@pytest.mark.parametrize("arg,value", BAD_ARGUMENTS)
+def test_invalid_hyperparameters_name_the_argument(arg, value):
+    with pytest.raises(ValueError, match=arg):
+        Shampoo([torch.nn.Parameter(torch.zeros(4, 4))], **{arg: value})
+    opt = Shampoo([torch.nn.Parameter(torch.zeros(4, 4))])
+    with pytest.raises(ValueError, match=arg):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))], arg: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_refuses_vectors_and_embeddings_naming_them():
+    matrix, bias = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(7))
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(7,\).*build_optimizer"):
+        Shampoo([matrix, bias])
+    emb = torch.nn.Embedding(11, 4).weight
+    asgo.mark_as_embedding(emb)
+    with pytest.raises(ValueError, match=r"parameter 0 of shape \(11, 4\) is an embedding"):
+        Shampoo([emb])
