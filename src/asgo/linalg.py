@@ -211,6 +211,7 @@ def orthogonalize(
     steps: int = 5,
     eps: float = 1e-7,
     coefficients: tuple[float, float, float] = NEWTON_SCHULZ_ORTHOGONALIZE_COEFFS,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Approximate polar factor ``U V^T`` of ``G = U S V^T`` for matrices of shape (..., m, n).
 
@@ -219,6 +220,10 @@ def orthogonalize(
     matrices are transposed). Newton–Schulz uses the fixed quintic ``coefficients`` (Muon's by
     default), which maps singular values into roughly [0.7, 1.2] rather than exactly 1;
     Polar Express converges to the polar factor.
+
+    ``dtype`` is the dtype the iteration computes (and returns) in; ``None`` keeps the module's
+    rule (float32, float64 stays float64). ``torch.optim.Muon`` runs its Newton–Schulz in
+    ``torch.bfloat16``.
     """
     if G.ndim < 2:
         raise ValueError(f"G must be a (batch of) matrices, got shape {tuple(G.shape)}")
@@ -227,7 +232,7 @@ def orthogonalize(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
-    X = G.to(compute_dtype(G.dtype))
+    X = G.to(compute_dtype(G.dtype) if dtype is None else dtype)
     transpose = X.shape[-2] > X.shape[-1]
     if transpose:
         X = X.mT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +54,13 @@ def mean_across_ranks(value: torch.Tensor, info: Distributed) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= info.world_size
     return value
+
+
+@contextmanager
+def main_process_first(info: Distributed):
+    """Run the body on rank 0 first (e.g. dataset preparation), then on the other ranks."""
+    if info.enabled and not info.is_main:
+        dist.barrier()
+    yield
+    if info.enabled and info.is_main:
+        dist.barrier()

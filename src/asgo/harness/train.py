@@ -1,0 +1,194 @@
+"""The training loop: one function, read top to bottom.
+
+    data -> model -> optimizer (asgo.build_optimizer) -> schedule -> [resume] -> loop:
+        every eval_interval: validation loss and perplexity
+        grad_accumulation micro-batches -> clip -> step -> schedule
+        every log_interval: train loss, lr, tokens/s; every checkpoint_interval: checkpoint
+    -> final evaluation, checkpoint, loss plot
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from asgo.harness import distributed
+from asgo.harness.checkpoint import load_checkpoint, save_checkpoint
+from asgo.harness.config import optimizer_from_config
+from asgo.harness.data import load_data
+from asgo.harness.metrics import MetricsLogger, plot_losses
+from asgo.harness.models import build_model, load_gpt2_pretrained
+from asgo.harness.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model, dataset, cfg, device, autocast) -> float:
+    """Mean loss over ``eval_batches`` fixed validation batches (the same ones at every call)."""
+    generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003)
+    model.eval()
+    total = torch.zeros((), device=device)
+    with torch.no_grad():
+        for _ in range(cfg.train.eval_batches):
+            x, y = dataset.get_batch(cfg.train.batch_size, cfg.model.block_size, generator, device)
+            with autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+    model.train()
+    return (total / cfg.train.eval_batches).item()
+
+
+def train(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the final metrics."""
+    t = cfg.train
+    dist_info, device = distributed.setup(t.device)
+    out_dir = Path(out_dir)
+    torch.manual_seed(t.seed)  # same initial weights on every rank
+    use_bf16 = device.type == "cuda" if t.autocast == "auto" else bool(t.autocast)
+    autocast = (partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+                if use_bf16 else contextlib.nullcontext)
+
+    # data and model
+    with distributed.main_process_first(dist_info):
+        data = load_data(cfg.dataset, t.dataset_path, seed=t.seed)
+    model_overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name" and v is not None}
+    if t.init_from and Path(t.init_from).is_dir():
+        model = load_gpt2_pretrained(t.init_from, **{k: v for k, v in model_overrides.items() if k == "dropout"})
+    else:
+        model = build_model(cfg.model.name, vocab_size=data.vocab_size, **model_overrides)
+        if t.init_from:
+            model.load_state_dict(load_checkpoint(t.init_from)["model"])
+    model.to(device)
+    optimizer = optimizer_from_config(model, cfg.optimizer, t.train_steps)
+    warmup = max(1, int(t.warmup_fraction * t.train_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, total_steps=t.train_steps, warmup_steps=warmup,
+                           min_ratio=t.min_lr_ratio))
+    train_model = model
+    if dist_info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    generator = torch.Generator().manual_seed(data.sampler_seed(t.seed, dist_info.rank))
+    torch.manual_seed(t.seed + dist_info.rank)  # dropout masks differ per rank
+
+    # resume: weights, optimizer, schedule, data position and RNG
+    step = 0
+    if t.resume:
+        ckpt = load_checkpoint(t.resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        generator.set_state(ckpt["data_rng"][dist_info.rank])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step = int(ckpt["step"])
+
+    def checkpoint(path: Path) -> None:
+        rng_states = [generator.get_state()]
+        if dist_info.enabled:
+            rng_states = [None] * dist_info.world_size
+            torch.distributed.all_gather_object(rng_states, generator.get_state())
+        if dist_info.is_main:
+            save_checkpoint(path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "data_rng": rng_states,
+                "torch_rng": torch.get_rng_state(), "config": OmegaConf.to_yaml(cfg)})
+
+    logger = None
+    if dist_info.is_main:
+        wandb = {"project": t.wandb_project, "dir": str(out_dir), "mode": t.wandb_mode,
+                 "config": OmegaConf.to_container(cfg, resolve=True)} if t.wandb else None
+        logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, wandb_config=wandb, resume=bool(t.resume))
+        log.info("routing:\n%s", optimizer.report())
+    tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accumulation * dist_info.world_size
+    progress = None
+    if dist_info.is_main and t.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.train_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    def eval_and_log() -> float:
+        loss = evaluate(model, data.val, cfg, device, autocast)
+        if logger:
+            logger.log({"step": step, "split": "val", "loss": loss, "perplexity": math.exp(min(loss, 50))})
+        return loss
+
+    val_loss = float("nan")
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < t.train_steps:
+            if t.eval_interval and step % t.eval_interval == 0:
+                val_loss = eval_and_log()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accumulation):
+                x, y = data.train.get_batch(t.batch_size, cfg.model.block_size, generator, device)
+                last = micro == t.grad_accumulation - 1
+                sync = train_model.no_sync if dist_info.enabled and not last else contextlib.nullcontext
+                with sync(), autocast():
+                    _, loss = train_model(x, y)
+                (loss / t.grad_accumulation).backward()
+                loss_sum += loss.detach().float()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % t.log_interval == 0 or step == t.train_steps:
+                train_loss = distributed.mean_across_ranks(loss_sum / t.grad_accumulation, dist_info).item()
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
+                tick, tick_step = now, step
+                if logger:
+                    logger.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
+                                "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step})
+                if progress:
+                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            if progress:
+                progress.update(1)
+            if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step < t.train_steps:
+                checkpoint(out_dir / "checkpoint.pt")
+                if t.keep_checkpoints:
+                    checkpoint(out_dir / f"checkpoint_{step:06d}.pt")
+    except KeyboardInterrupt:
+        checkpoint(out_dir / "checkpoint.pt")
+        log.warning("interrupted at step %d: checkpoint written to %s", step, out_dir / "checkpoint.pt")
+        raise
+    finally:
+        if progress:
+            progress.close()
+
+    val_loss = eval_and_log()
+    checkpoint(out_dir / "checkpoint.pt")
+    result = {"final_val_loss": val_loss, "steps": step, "out_dir": str(out_dir),
+              "world_size": dist_info.world_size, "diagnostics": optimizer.diagnostics()}
+    if dist_info.enabled:
+        result["max_param_diff_across_ranks"] = _max_param_diff_across_ranks(model)
+    if logger:
+        logger.close()
+        result["metrics"] = str(logger.csv_path)
+        if t.plot:
+            result["plot"] = str(plot_losses(logger.csv_path, out_dir / "loss.png",
+                                             title=f"{cfg.model.name} / {cfg.dataset.name} / {cfg.optimizer.name}"))
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    distributed.teardown(dist_info)
+    return result
+
+
+def _max_param_diff_across_ranks(model: torch.nn.Module) -> float:
+    """Largest absolute difference between this rank's weights and rank 0's, maximised over ranks."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    reference = flat.clone()
+    torch.distributed.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    return diff.item()
