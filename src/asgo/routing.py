@@ -28,7 +28,7 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from asgo.optim import ASGO, DASGO, Adafactor, Shampoo
+from asgo.optim import ASGO, DASGO, Adafactor, GaLore, GoLore, Muon, Shampoo
 from asgo.optim._base import is_embedding, restore_state_dtypes
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -37,6 +37,9 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "adafactor": Adafactor,
     "shampoo": Shampoo,
+    "muon": Muon,
+    "galore": GaLore,
+    "golore": GoLore,
 }
 
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score")

@@ -18,6 +18,13 @@ OPTIMIZERS = {
         params, root_method="eigh", precondition_frequency=2, max_preconditioner_dim=4, **kw),
     "adafactor": lambda params, **kw: asgo.Adafactor(params, **kw),
     "adafactor_clip_momentum": lambda params, **kw: asgo.Adafactor(params, clip_alpha=2.0, beta1=0.9, **kw),
+    "muon": lambda params, **kw: asgo.Muon(params, **kw),
+    "muon_polar_express": lambda params, **kw: asgo.Muon(params, orthogonalize_method="polar_express",
+                                                         nesterov=False, **kw),
+    "galore": lambda params, **kw: asgo.GaLore(params, rank=2, update_proj_gap=3, **kw),
+    "galore_sgd": lambda params, **kw: asgo.GaLore(params, rank=3, update_proj_gap=2, inner="sgd",
+                                                   momentum=0.9, **kw),
+    "golore": lambda params, **kw: asgo.GoLore(params, rank=2, update_proj_gap=3, **kw),
 }
 MATRICES_ONLY = {name: make for name, make in OPTIMIZERS.items() if not name.startswith("adafactor")}
 
@@ -31,8 +38,13 @@ BAD_ARGUMENTS = {
                 ("max_preconditioner_dim", 0)],
     "dasgo": [("lr", -1.0), ("momentum", 1.0), ("beta2", 1.5), ("beta2", -0.5), ("eps", 0.0),
               ("weight_decay", -1.0), ("update_rms", -0.2)],
+    "muon": [("lr", -1.0), ("momentum", 1.0), ("weight_decay", -1.0), ("ns_steps", 0),
+             ("adjust_lr_fn", "sqrt"), ("orthogonalize_method", "svd")],
+    "galore": [("lr", -1.0), ("rank", 0), ("update_proj_gap", 0), ("scale", 0.0), ("proj_type", "up"),
+               ("inner", "lion"), ("eps", 0.0), ("golore_fraction", 1.5)],
 }
-CLASSES = {"asgo": asgo.ASGO, "dasgo": asgo.DASGO, "shampoo": asgo.Shampoo}
+CLASSES = {"asgo": asgo.ASGO, "dasgo": asgo.DASGO, "shampoo": asgo.Shampoo, "muon": asgo.Muon,
+           "galore": asgo.GaLore}
 
 
 def params_and_grads(dtype=torch.float32, seed=0):

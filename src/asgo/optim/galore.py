@@ -47,6 +47,8 @@ def random_orthonormal(k: int, r: int, *, seed: int, device=None, dtype=torch.fl
     sampler of the GoLore code, without its SVD. ``Z`` is drawn in float32 whatever ``dtype``,
     so the draw depends only on ``seed`` and the device type (CPU and CUDA generators differ).
     """
+    if torch.device(device or "cpu").type == "meta":  # shape-only dry run (RoutedOptimizer.report)
+        return torch.empty(k, r, device="meta", dtype=dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     Z = torch.randn(k, r, generator=gen, device=device, dtype=torch.float32).to(dtype)
     Q, R = torch.linalg.qr(Z)
