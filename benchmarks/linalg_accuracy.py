@@ -1,4 +1,4 @@
-"""Accuracy of :func:`asgo.linalg.inverse_sqrt` against a float64 eigh reference, as markdown tables.
+"""Accuracy of ``asgo.linalg.inverse_sqrt`` and ``orthogonalize`` vs float64 references, as markdown.
 
     python benchmarks/linalg_accuracy.py                          # float32, sizes 64 256
     python benchmarks/linalg_accuracy.py --dtype float64 --sizes 64 256
@@ -13,6 +13,12 @@ applied there too; the range error is then that of the damped root, not 0):
 ``||X||_2`` is the largest gain (the null-space gain, since the range gains are O(1)) and
 "range err" is ``||X V X U - U||_F / ||U||_F`` with ``U`` an orthonormal basis of range(V)
 (0 for an exact pseudo-inverse root). ``nan`` marks non-finite output (``ok`` False).
+
+The orthogonalize tables give ``||X - U V^T||_F / ||U V^T||_F`` on ``G = U diag(sigma) V^T`` of
+shape (s, 2s) (``sigma`` log-spaced from 1 to 1/cond), where ``U V^T`` is the polar factor of
+``G`` as rounded to ``--dtype`` (float64 SVD). The rows marked ``(G G^T)^(-1/2) G`` compute it
+as ASGO's momentum-free limit does, ``inverse_sqrt(G G^T) @ G``, which squares the condition
+number. They are printed only when ``--eps`` is 0.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ import time
 
 import torch
 
-from asgo.linalg import inverse_sqrt
+from asgo.linalg import inverse_sqrt, orthogonalize
 
 CONDS = (1.0, 1e2, 1e4, 1e6)
 CONFIGS = [("polar_express", s) for s in (5, 10, 20)] + [
     ("newton_schulz", s) for s in (5, 10, 20)] + [("eigh", None)]
+ORTH_CONFIGS = [("newton_schulz", 5), ("polar_express", 5), ("polar_express", 10)]
+GRAM_CONFIGS = [("polar_express", 10), ("eigh", None)]
 
 
 def spd_batch(s: int, cond: float, seeds: int) -> torch.Tensor:
@@ -88,6 +96,39 @@ def table(s: int, dtype: torch.dtype, seeds: int, eps: float = 0.0) -> str:
     return "\n".join(lines)
 
 
+def polar_reference(G: torch.Tensor) -> torch.Tensor:
+    U, _, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
+    return U @ Vh
+
+
+def via_gram(G: torch.Tensor, method: str, steps: int | None) -> torch.Tensor:
+    kw = {"method": method} if steps is None else {"method": method, "steps": steps}
+    X, ok = inverse_sqrt(G @ G.mT, **kw)
+    return X @ G.to(X.dtype) if bool(ok.all()) else torch.full_like(X, math.nan)
+
+
+def orth_table(s: int, dtype: torch.dtype, seeds: int) -> str:
+    inputs = []
+    for cond in CONDS:
+        g = torch.Generator().manual_seed(int(s * 1000 + math.log10(cond)) + 1)
+        U = torch.linalg.qr(torch.randn(seeds, s, s, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(seeds, 2 * s, s, generator=g, dtype=torch.float64))[0]
+        sigma = torch.logspace(0, -math.log10(cond), s, dtype=torch.float64)
+        inputs.append(((U * sigma.unsqueeze(-2)) @ V.mT).to(dtype))
+    refs = [polar_reference(G) for G in inputs]
+    head = ["method", "steps"] + [f"cond {c:.0e}" for c in CONDS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, steps in ORTH_CONFIGS:
+        row = [method, str(steps)] + [fmt(max_rel_err(orthogonalize(G, method=method, steps=steps), R))
+                                      for G, R in zip(inputs, refs)]
+        lines.append("| " + " | ".join(row) + " |")
+    for method, steps in GRAM_CONFIGS:
+        row = [f"{method}, (G G^T)^(-1/2) G", "–" if steps is None else str(steps)] + [
+            fmt(max_rel_err(via_gram(G, method, steps), R)) for G, R in zip(inputs, refs)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
@@ -108,6 +149,12 @@ def main() -> None:
         print(f"### s = {s}\n")
         print(table(s, dtype, args.seeds, args.eps))
         print()
+    if not args.eps:
+        print(f"orthogonalize relative error vs the float64 polar factor, input {args.dtype}\n")
+        for s in args.sizes:
+            print(f"### G of shape ({s}, {2 * s})\n")
+            print(orth_table(s, dtype, args.seeds))
+            print()
     print(f"({time.perf_counter() - start:.1f} s)")
 
 

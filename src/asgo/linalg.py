@@ -84,25 +84,40 @@ def inverse_sqrt(
     """Inverse square root ``(A + eps I)^(-1/2)`` of symmetric PSD matrices ``A`` of shape (..., s, s).
 
     ``eps`` is an absolute damping added to the diagonal before the root (not relative to the
-    trace). Methods:
+    trace): ``A_d = A + eps I``. Methods:
 
-    * ``'newton_schulz'`` (ASGO Algorithm 3): coupled iteration on ``Y0 = (A + eps I) / c``,
-      ``c = ||A + eps I||_F``, ``Z0 = I``; each step ``B = b ZY + c' (ZY)^2``, ``Y <- aY + YB``,
+    * ``'newton_schulz'`` (ASGO Algorithm 3): coupled iteration on ``Y0 = A_r / c``,
+      ``c = ||A_r||_F``, ``Z0 = I``; each step ``B = b ZY + c' (ZY)^2``, ``Y <- aY + YB``,
       ``Z <- aZ + BZ`` with ``(a, b, c') = (2, -1.5, 0.5)``; returns ``Z / sqrt(c)``.
     * ``'polar_express'``: the same iteration with the Polar Express schedule and
-      ``c = 1.01 ||A + eps I||_F`` (the ASGO authors' default solver; their code adds eps only
+      ``c = 1.01 ||A_r||_F`` (the ASGO authors' default solver; their code adds eps only
       inside the norm, which for eps=1e-10 is below float32 resolution unless ``||A|| < 1e-3``).
-    * ``'eigh'``: exact, via ``torch.linalg.eigh``; eigenvalues are floored at
+    * ``'eigh'``: exact, via ``torch.linalg.eigh`` of ``A_d``; eigenvalues are floored at
       ``finfo.eps * max(lambda_max, tiny)`` so singular inputs stay finite.
 
+    ``A_r = A_d + delta I`` is the iterations' input, with the round-off damping
+
+        delta = 16 finfo.eps ||A_d||_F   if Cholesky of  A_d - finfo.eps ||A_d||_F / 4 I  fails,
+        delta = 0                        otherwise.
+
+    An eigenvalue below ``finfo.eps ||A_d||_F / 4`` (float32: ``3e-8 ||A_d||_F``) cannot be told
+    from round-off, and a negative one (``z y < 0``) makes every later step grow until the output
+    overflows; so matrices that are singular to working precision (a rank-deficient ``G G^T``
+    with ``eps`` below its round-off) get ``inverse_fourth_root``'s floor, and every other matrix
+    is iterated bit for bit unchanged (one batched ``cholesky_ex``, no host sync).
+
     The iterations converge for eigenvalues whose ratio to ``c`` is not too small: with the
-    default 10 steps both reach float32 round-off for condition numbers up to about 1e3, and
-    truncate the smallest eigenvalues beyond that (see docs/linalg.md for measured accuracy).
-    On rank-deficient ``A`` the null-space gain stays finite; the number of steps then acts as
-    a hidden damping.
+    default 10 steps Polar Express converges for condition numbers up to 1e6 (float64: 1e-11
+    relative error, float32: 2e-3) and Newton-Schulz up to about 1e4, truncating the smallest
+    eigenvalues beyond that (see docs/linalg.md for measured accuracy). On rank-deficient ``A``
+    the null-space gain is then at most ``1 / sqrt(delta)``, or less where the steps do not reach
+    ``delta / c`` (the number of steps acts as a hidden damping).
 
     Returns ``(X, ok)``: ``X`` in float32 (float64 for float64 input) and a boolean tensor of shape
-    ``A.shape[:-2]`` telling which matrices came out finite, computed without a host sync.
+    ``A.shape[:-2]`` telling which matrices came out finite, computed without a host sync. A
+    matrix with a non-finite entry is replaced by zeros before the root (so one overflowed
+    statistic neither raises in ``torch.linalg.eigh`` nor costs the rest of the batch), its
+    ``X`` is NaN and its ``ok`` False.
     """
     _check_square(A, "A")
     if method not in INVERSE_SQRT_METHODS:
@@ -113,14 +128,32 @@ def inverse_sqrt(
         raise ValueError(f"eps must be >= 0, got {eps}")
 
     A = A.to(compute_dtype(A.dtype))
+    finite = _is_finite(A)[..., None, None]
+    A = torch.where(finite, A, 0)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     if eps:
         A = A + eps * eye
     if method == "eigh":
         X = _inverse_sqrt_eigh(A)
     else:
-        X = _inverse_sqrt_coupled(A, eye, method, steps)
+        X = _inverse_sqrt_coupled(A + _roundoff_damping(A, eye) * eye, eye, method, steps)
+    X = torch.where(finite, X, torch.nan)
     return X, _is_finite(X)
+
+
+# Round-off damping, in units of finfo.eps * ||A||_F: the floor inverse_fourth_root always adds
+# and inverse_sqrt's iterations add to matrices whose smallest eigenvalue is below
+# ROUNDOFF_GATE units (see inverse_sqrt).
+ROUNDOFF_DAMPING = 16.0
+ROUNDOFF_GATE = 0.25
+
+
+def _roundoff_damping(A: Tensor, eye: Tensor) -> Tensor:
+    """``16 finfo.eps ||A||_F`` where ``A - finfo.eps ||A||_F / 4 I`` has no Cholesky factor,
+    else 0; shape (..., 1, 1)."""
+    unit = torch.finfo(A.dtype).eps * torch.linalg.matrix_norm(A, keepdim=True)
+    _, info = torch.linalg.cholesky_ex(A - ROUNDOFF_GATE * unit * eye)
+    return torch.where(info[..., None, None] == 0, 0.0, ROUNDOFF_DAMPING * unit)
 
 
 def _inverse_sqrt_eigh(A: Tensor) -> Tensor:
@@ -143,10 +176,6 @@ def _inverse_sqrt_coupled(A: Tensor, eye: Tensor, method: str, steps: int) -> Te
         Y = a * Y + Y @ B
         Z = a * Z + B @ Z
     return Z / scale.sqrt()
-
-
-# Round-off floor of the fourth root, in units of finfo.eps * ||A||_F (see inverse_fourth_root).
-ROUNDOFF_DAMPING = 16.0
 
 
 def inverse_fourth_root(
