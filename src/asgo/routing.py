@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from asgo.optim import ASGO, DASGO, Adafactor, GaLore, GoLore, Muon, Shampoo
-from asgo.optim._base import is_embedding, restore_state_dtypes
+from asgo.optim._base import evaluate_closure, is_embedding, restore_state_dtypes
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "asgo": ASGO,
@@ -76,10 +76,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for opt in self.optimizers.values():
             opt.step()
         return loss

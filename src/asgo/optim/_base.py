@@ -145,6 +145,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return totals
 
 
+def evaluate_closure(closure):
+    """The loss of ``closure()`` with gradients enabled (``step`` runs under ``no_grad``), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def finite_flag(t: Tensor, dtype: torch.dtype) -> Tensor:
     """0-dim tensor of ``dtype``: 1 if every entry of ``t`` is finite, else 0 (no host sync)."""
     return torch.isfinite(t).all().to(dtype)

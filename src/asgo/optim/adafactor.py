@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from asgo.optim._base import MatrixOptimizer, apply_update_, check_range, finite_flag
+from asgo.optim._base import MatrixOptimizer, apply_update_, check_range, evaluate_closure, finite_flag
 
 
 class Adafactor(MatrixOptimizer):
@@ -150,10 +150,7 @@ class Adafactor(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

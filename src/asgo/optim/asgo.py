@@ -15,6 +15,7 @@ from asgo.optim._base import (
     check_choice,
     check_int,
     check_range,
+    evaluate_closure,
     finite_flag,
     rms_normalize_,
 )
@@ -123,10 +124,7 @@ class ASGO(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             buckets = defaultdict(list)
             for p in group["params"]:

@@ -8,6 +8,7 @@ from asgo.optim._base import (
     MatrixOptimizer,
     apply_update_,
     check_range,
+    evaluate_closure,
     finite_flag,
     rms_normalize_,
 )
@@ -58,10 +59,7 @@ class DASGO(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["momentum"], group["beta2"]
             for p in group["params"]:

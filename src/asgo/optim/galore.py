@@ -13,6 +13,7 @@ from asgo.optim._base import (
     check_choice,
     check_int,
     check_range,
+    evaluate_closure,
     finite_flag,
 )
 
@@ -250,10 +251,7 @@ class GaLore(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         index = -1
         for group in self.param_groups:
             for p in group["params"]:

@@ -14,6 +14,7 @@ from asgo.optim._base import (
     check_choice,
     check_int,
     check_range,
+    evaluate_closure,
     finite_flag,
 )
 
@@ -146,10 +147,7 @@ class Muon(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             buckets = defaultdict(list)
             for p in group["params"]:

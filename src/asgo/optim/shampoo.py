@@ -17,6 +17,7 @@ from asgo.optim._base import (
     check_choice,
     check_int,
     check_range,
+    evaluate_closure,
     finite_flag,
 )
 
@@ -243,10 +244,7 @@ class Shampoo(MatrixOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             entries = []
             for p in group["params"]:
