@@ -1,10 +1,13 @@
 """End-to-end runs of the harness on the shared Shakespeare copy (no network)."""
 
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -12,11 +15,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from asgo.harness.config import CONFIG_DIR
-from asgo.harness.metrics import read_metrics
+from asgo.harness.metrics import MetricsLogger, read_metrics
 from asgo.harness.train import train
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[2]
+ASGO_TRAIN = Path(sys.executable).parent / "asgo-train"  # the installed console script
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +44,56 @@ def train_losses(out_dir):
     return [r["loss"] for r in read_metrics(Path(out_dir) / "metrics.csv") if r["split"] == "train"]
 
 
-@pytest.mark.slow
 def test_tiny_gpt_learns_shakespeare(data_dir, tmp_path):
-    cfg = config(data_dir, "model.n_layer=4", "model.n_embd=128", "model.block_size=128",
-                 "train.batch_size=16", "train.train_steps=60", "train.eval_interval=30",
-                 "train.log_interval=10", "optimizer=asgo", "optimizer.learning_rate=0.02")
+    cfg = config(data_dir, "train.batch_size=16", "train.train_steps=40", "train.eval_interval=20",
+                 "train.log_interval=5", "optimizer=asgo", "optimizer.learning_rate=0.02")
     result = train(cfg, tmp_path)
-    rows = read_metrics(tmp_path / "metrics.csv")
-    val = [r["loss"] for r in rows if r["split"] == "val"]
-    assert val[0] > 4.0  # ~ln(65) = 4.17 at initialisation
-    assert result["final_val_loss"] < 2.9, result
+    val = [r["loss"] for r in read_metrics(tmp_path / "metrics.csv") if r["split"] == "val"]
+    assert len(val) == 3 and abs(val[0] - math.log(65)) < 0.1  # uniform over 65 characters at initialisation
+    assert result["final_val_loss"] < 3.0, result
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "metrics.jsonl").exists()
     assert result["diagnostics"] == {"skipped_steps": 0, "root_failures": 0}
 
 
-def test_resume_continues_exactly(data_dir, tmp_path):
-    common = ["train.train_steps=20", "train.eval_interval=0", "model.dropout=0.1", "optimizer=asgo",
-              "optimizer.precondition_frequency=3"]
-    full = tmp_path / "full"
-    train(config(data_dir, *common, "train.checkpoint_interval=10", "train.keep_checkpoints=true"), full)
-    resumed = tmp_path / "resumed"
-    train(config(data_dir, *common, f"train.resume={full / 'checkpoint_000010.pt'}"), resumed)
-    assert len(train_losses(full)) == 20 and len(train_losses(resumed)) == 10
-    assert train_losses(resumed) == train_losses(full)[10:]
-    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["model"]
+RESUME = ["train.train_steps=20", "train.eval_interval=0", "model.dropout=0.1", "optimizer=asgo",
+          "optimizer.precondition_frequency=3"]
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    """20 uninterrupted steps, keeping the checkpoint of step 10."""
+    out = tmp_path_factory.mktemp("full")
+    train(config(data_dir, *RESUME, "train.checkpoint_interval=10", "train.keep_checkpoints=true"), out)
+    return out
+
+
+def test_resume_continues_exactly(data_dir, full_run, tmp_path):
+    train(config(data_dir, *RESUME, f"train.resume={full_run / 'checkpoint_000010.pt'}"), tmp_path)
+    assert len(train_losses(full_run)) == 20 and len(train_losses(tmp_path)) == 10
+    assert train_losses(tmp_path) == train_losses(full_run)[10:]
+    a = torch.load(full_run / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes(data_dir, full_run, tmp_path, monkeypatch):
+    log = MetricsLogger.log
+
+    def log_then_ctrl_c(self, row):  # Ctrl-C arrives in the middle of step 7's bookkeeping
+        log(self, row)
+        if row["split"] == "train" and row["step"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(MetricsLogger, "log", log_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data_dir, *RESUME), tmp_path / "interrupted")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)["step"] == 7
+
+    train(config(data_dir, *RESUME, f"train.resume={tmp_path / 'interrupted' / 'checkpoint.pt'}"), tmp_path / "resumed")
+    assert train_losses(tmp_path / "resumed") == train_losses(full_run)[7:]
 
 
 def test_missing_dataset_says_how_to_prepare(tmp_path):
@@ -75,19 +103,53 @@ def test_missing_dataset_says_how_to_prepare(tmp_path):
         train(config(tmp_path, "dataset=openwebtext", "train.train_steps=1"), tmp_path / "run")
 
 
-@pytest.mark.slow
+def test_wandb_only_when_enabled_and_offline_by_default(data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    train(config(data_dir, "train.train_steps=2", "train.eval_interval=0"), tmp_path / "off")
+    assert calls == []
+    train(config(data_dir, "train.train_steps=2", "train.eval_interval=0", "train.wandb=true"), tmp_path / "on")
+    assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["dir"] == str(tmp_path / "on")
+    step, values = calls[1][2], calls[1][1]
+    assert step == 1 and set(values) == {"train/loss", "train/lr", "train/tokens_per_s", "train/tokens"}
+    assert values["train/loss"] == train_losses(tmp_path / "on")[0]
+    assert calls[-1] == ("finish",)
+
+
 def test_cli_main_job_and_overrides(data_dir, tmp_path):
-    """The console script with the seed README's overrides, as a user runs it."""
-    cmd = [sys.executable, "-m", "asgo.harness.cli", "dataset=shakespeare_char", "model=tiny", "optimizer=dasgo",
+    """The installed console script with the seed README's overrides, run from another directory."""
+    cmd = [str(ASGO_TRAIN), "dataset=shakespeare_char", "model=tiny", "optimizer=dasgo",
            "train.batch_size=4", "train.train_steps=3", "optimizer.learning_rate=0.01",
-           f"train.dataset_path={data_dir}", "model.n_layer=1", "train.eval_batches=2",
-           f"hydra.run.dir={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           f"train.dataset_path={data_dir}", "model.n_layer=1", "train.eval_batches=2"]
+    out = subprocess.run(cmd + [f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "final val loss:" in out.stdout and (tmp_path / "loss.png").exists()
-    bad = subprocess.run(cmd[:-1] + ["optimizer.bogus=1", f"hydra.run.dir={tmp_path / 'bad'}"],
-                         capture_output=True, text=True, timeout=300)
+    assert "final val loss:" in out.stdout and f"{tmp_path / 'run' / 'loss.png'}" in out.stdout
+    assert all(key in out.stderr for key in ("loss=", "lr=", "tok_s="))  # the tqdm bar
+    assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / "metrics.csv").is_file()
+
+    bad = subprocess.run(cmd + ["optimizer.bogus=1", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "bogus" in bad.stderr
+
+    missing = subprocess.run(cmd + ["dataset=openwebtext", f"train.dataset_path={tmp_path / 'none'}",
+                                    f"hydra.run.dir={tmp_path / 'missing'}"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("error: dataset 'openwebtext'"), missing.stderr[-3000:]
+    assert "python -m asgo.harness.data.prepare openwebtext" in missing.stderr
 
 
 @pytest.mark.slow

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from asgo.harness.data import DatasetError
 from asgo.harness.train import train
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:  # only rank 0 logs
+        logging.getLogger().setLevel(logging.WARNING)
     out_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
-    result = train(cfg, out_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    try:
+        result = train(cfg, out_dir)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    if is_main:
         print(f"final val loss: {result['final_val_loss']:.4f}")
-        print(f"metrics: {result.get('metrics')}  plot: {result.get('plot')}  checkpoint: {out_dir}/checkpoint.pt")
+        written = {"metrics": result["metrics"], "plot": result.get("plot"), "checkpoint": f"{out_dir}/checkpoint.pt"}
+        print("written: " + ", ".join(f"{k} {v}" for k, v in written.items() if v))
     return result["final_val_loss"]
 
 

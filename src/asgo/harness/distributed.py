@@ -56,6 +56,15 @@ def mean_across_ranks(value: torch.Tensor, info: Distributed) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, info: Distributed, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @contextmanager
 def main_process_first(info: Distributed):
     """Run the body on rank 0 first (e.g. dataset preparation), then on the other ranks."""

@@ -33,8 +33,10 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         self._wandb = None
         if wandb_config is not None:
-            import wandb
-
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("train.wandb=true needs the wandb package (pip install wandb)") from e
             self._wandb = wandb.init(**wandb_config)
 
     def log(self, row: dict) -> None:
@@ -81,7 +83,7 @@ def plot_losses(metrics_csv: Path, out_png: Path, title: str = "") -> Path:
         if points:
             ax.plot(*zip(*points), style, label=split, alpha=0.8 if split == "train" else 1.0)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("cross-entropy loss (nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -4,6 +4,7 @@
         every eval_interval: validation loss and perplexity
         grad_accumulation micro-batches -> clip -> step -> schedule
         every log_interval: train loss, lr, tokens/s; every checkpoint_interval: checkpoint
+        Ctrl-C: checkpoint at the end of the current step, then KeyboardInterrupt
     -> final evaluation, checkpoint, loss plot
 """
 
@@ -13,6 +14,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -44,6 +47,35 @@ def evaluate(model, dataset, cfg, device, autocast) -> float:
             total += loss.float()
     model.train()
     return (total / cfg.train.eval_batches).item()
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+
+    The loop checks :meth:`requested` after each step, so the checkpoint it then writes holds a
+    consistent state; a second Ctrl-C interrupts at once (the previous handler is back).
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame):
+        self._flag = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def requested(self, dist_info: distributed.Distributed, device: torch.device) -> bool:
+        """Whether any rank was interrupted (all ranks agree, so they stop at the same step)."""
+        return distributed.any_rank(self._flag, dist_info, device)
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -86,27 +118,36 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["data_rng"][dist_info.rank])
-        torch.set_rng_state(ckpt["torch_rng"])
+        rng = ckpt["rng"][dist_info.rank]
+        generator.set_state(rng["data"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
         step = int(ckpt["step"])
 
     def checkpoint(path: Path) -> None:
-        rng_states = [generator.get_state()]
+        rng = {"data": generator.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng_per_rank = [rng]
         if dist_info.enabled:
-            rng_states = [None] * dist_info.world_size
-            torch.distributed.all_gather_object(rng_states, generator.get_state())
+            rng_per_rank = [None] * dist_info.world_size
+            torch.distributed.all_gather_object(rng_per_rank, rng)
         if dist_info.is_main:
             save_checkpoint(path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "data_rng": rng_states,
-                "torch_rng": torch.get_rng_state(), "config": OmegaConf.to_yaml(cfg)})
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_per_rank,
+                "config": OmegaConf.to_yaml(cfg)})
 
     logger = None
     if dist_info.is_main:
         wandb = {"project": t.wandb_project, "dir": str(out_dir), "mode": t.wandb_mode,
                  "config": OmegaConf.to_container(cfg, resolve=True)} if t.wandb else None
         logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, wandb_config=wandb, resume=bool(t.resume))
-        log.info("routing:\n%s", optimizer.report())
+        report = optimizer.report()
+        (out_dir / "routing.txt").write_text(report + "\n")
+        totals = [line for line in report.splitlines() if line.startswith("total")]
+        log.info("optimizer %s, parameters by algorithm (per tensor in %s):\n%s",
+                 cfg.optimizer.name, out_dir / "routing.txt", "\n".join(totals))
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accumulation * dist_info.world_size
     progress = None
     if dist_info.is_main and t.progress:
@@ -114,58 +155,67 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
         progress = tqdm(total=t.train_steps, initial=step, desc="train", dynamic_ncols=True)
 
+    postfix = {}
+
     def eval_and_log() -> float:
         loss = evaluate(model, data.val, cfg, device, autocast)
         if logger:
             logger.log({"step": step, "split": "val", "loss": loss, "perplexity": math.exp(min(loss, 50))})
+        postfix["val"] = f"{loss:.4f}"
         return loss
 
-    val_loss = float("nan")
     tick, tick_step = time.perf_counter(), step
-    try:
-        while step < t.train_steps:
-            if t.eval_interval and step % t.eval_interval == 0:
-                val_loss = eval_and_log()
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.grad_accumulation):
-                x, y = data.train.get_batch(t.batch_size, cfg.model.block_size, generator, device)
-                last = micro == t.grad_accumulation - 1
-                sync = train_model.no_sync if dist_info.enabled and not last else contextlib.nullcontext
-                with sync(), autocast():
-                    _, loss = train_model(x, y)
-                (loss / t.grad_accumulation).backward()
-                loss_sum += loss.detach().float()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    with StopRequest() as stop:
+        try:
+            while step < t.train_steps:
+                if t.eval_interval and step % t.eval_interval == 0:
+                    eval_and_log()
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(t.grad_accumulation):
+                    x, y = data.train.get_batch(t.batch_size, cfg.model.block_size, generator, device)
+                    last = micro == t.grad_accumulation - 1
+                    sync = train_model.no_sync if dist_info.enabled and not last else contextlib.nullcontext
+                    with sync(), autocast():
+                        _, loss = train_model(x, y)
+                    (loss / t.grad_accumulation).backward()
+                    loss_sum += loss.detach().float()
+                if t.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            if step % t.log_interval == 0 or step == t.train_steps:
-                train_loss = distributed.mean_across_ranks(loss_sum / t.grad_accumulation, dist_info).item()
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
-                tick, tick_step = now, step
-                if logger:
-                    logger.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
-                                "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step})
+                if step % t.log_interval == 0 or step == t.train_steps:
+                    train_loss = distributed.mean_across_ranks(loss_sum / t.grad_accumulation, dist_info).item()
+                    now = time.perf_counter()
+                    tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
+                    tick, tick_step = now, step
+                    if logger:
+                        logger.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
+                                    "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step})
+                    postfix.update(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if progress:
-                    progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    progress.set_postfix(postfix, refresh=False)
+                    progress.update(1)
+                if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step < t.train_steps:
+                    checkpoint(out_dir / "checkpoint.pt")
+                    if t.keep_checkpoints:
+                        checkpoint(out_dir / f"checkpoint_{step:06d}.pt")
+                if stop.requested(dist_info, device):
+                    checkpoint(out_dir / "checkpoint.pt")
+                    log.warning("interrupted (Ctrl-C) at step %d: checkpoint written; continue with "
+                                "train.resume=%s", step, out_dir / "checkpoint.pt")
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if logger:
+                logger.close()
+            distributed.teardown(dist_info)
+            raise
+        finally:
             if progress:
-                progress.update(1)
-            if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step < t.train_steps:
-                checkpoint(out_dir / "checkpoint.pt")
-                if t.keep_checkpoints:
-                    checkpoint(out_dir / f"checkpoint_{step:06d}.pt")
-    except KeyboardInterrupt:
-        checkpoint(out_dir / "checkpoint.pt")
-        log.warning("interrupted at step %d: checkpoint written to %s", step, out_dir / "checkpoint.pt")
-        raise
-    finally:
-        if progress:
-            progress.close()
+                progress.close()
 
     val_loss = eval_and_log()
     checkpoint(out_dir / "checkpoint.pt")
