@@ -156,14 +156,23 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         progress = tqdm(total=t.train_steps, initial=step, desc="train", dynamic_ncols=True)
 
     postfix = {}
+    clock = {"start": time.perf_counter(), "eval": 0.0}  # training time excludes evaluation
+
+    def train_seconds() -> float:
+        return time.perf_counter() - clock["start"] - clock["eval"]
 
     def eval_and_log() -> float:
+        start = time.perf_counter()
         loss = evaluate(model, data.val, cfg, device, autocast)
+        clock["eval"] += time.perf_counter() - start
         if logger:
-            logger.log({"step": step, "split": "val", "loss": loss, "perplexity": math.exp(min(loss, 50))})
+            logger.log({"step": step, "split": "val", "loss": loss, "perplexity": math.exp(min(loss, 50)),
+                        "time_s": train_seconds()})
         postfix["val"] = f"{loss:.4f}"
         return loss
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     tick, tick_step = time.perf_counter(), step
     with StopRequest() as stop:
         try:
@@ -194,7 +203,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     tick, tick_step = now, step
                     if logger:
                         logger.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
-                                    "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step})
+                                    "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step,
+                                    "time_s": train_seconds()})
                     postfix.update(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if progress:
                     progress.set_postfix(postfix, refresh=False)
@@ -220,7 +230,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     val_loss = eval_and_log()
     checkpoint(out_dir / "checkpoint.pt")
     result = {"final_val_loss": val_loss, "steps": step, "out_dir": str(out_dir),
-              "world_size": dist_info.world_size, "diagnostics": optimizer.diagnostics()}
+              "world_size": dist_info.world_size, "diagnostics": optimizer.diagnostics(),
+              "train_seconds": train_seconds(), "optimizer_state_bytes": _state_bytes(optimizer),
+              "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     if dist_info.enabled:
         result["max_param_diff_across_ranks"] = _max_param_diff_across_ranks(model)
     if logger:
@@ -232,6 +244,11 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     distributed.teardown(dist_info)
     return result
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
 
 
 def _max_param_diff_across_ranks(model: torch.nn.Module) -> float:
