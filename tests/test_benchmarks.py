@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark scripts: tiny shapes, one repeat, every optimizer row present."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_step_time_smoke(tmp_path, capsys, one_thread):
+    bench = load("step_time")
+    out = tmp_path / "step.json"
+    results = bench.main(["--smoke", "--device", "cpu", "--json", str(out)])
+    names = [r["optimizer"] for r in results]
+    assert names == [v[0] for v in bench.VARIANTS]  # every optimizer, AdamW first
+    for stem in ("adamw", "asgo tau=1", "asgo tau=10", "dasgo", "muon", "shampoo tau=1", "shampoo tau=10",
+                 "adafactor", "galore", "golore"):
+        assert any(n.startswith(stem) for n in names), stem
+    base = results[0]
+    assert base["median_x_adamw"] == 1.0 and base["state_x_adamw"] == 1.0
+    for r in results:
+        assert r["median_s"] > 0 and math.isfinite(r["median_x_adamw"])
+        assert r["state_bytes"] > 0
+    by = {r["optimizer"]: r for r in results}
+    # state sizes follow the algorithms: Adafactor factored << DASGO (M + vector) < AdamW (M + V) < Shampoo
+    assert by["adafactor"]["state_bytes"] < by["dasgo"]["state_bytes"] < base["state_bytes"]
+    assert by["shampoo tau=1"]["state_bytes"] > base["state_bytes"]
+    table = capsys.readouterr().out
+    assert "| adamw | " in table and "x AdamW" in table
+    assert json.loads(out.read_text())["results"][0]["optimizer"] == "adamw"
+
+
+def test_step_time_shapes_follow_the_model():
+    bench = load("step_time")
+    shapes = bench.hidden_matrices("nanogpt")
+    assert len(shapes) == 6 * 6  # q, k, v, o, fc, proj per layer
+    assert {s for s, _ in shapes} == {(384, 384), (1536, 384), (384, 1536)}
+    assert {h for _, h in shapes} == {1, 6}  # q/k head-wise for ASGO, as build_optimizer routes them
+
+
+def test_step_time_state_only_matches_a_real_step():
+    bench = load("step_time")
+    matrices = [((32, 48), 1), ((48, 32), 1)]
+    for row in ("shampoo tau=1", "asgo tau=10", "galore r128 gap200"):
+        timed = bench.time_steps(row, matrices, torch.device("cpu"), warmup=1, repeats=1)
+        assert bench.meta_state_bytes(row, matrices)["state_bytes"] == timed["state_bytes"], row
+
+
+def test_row_selection_exact_name_before_substring():
+    bench = load("step_time")
+    rows = [v[0] for v in bench.VARIANTS]
+    assert [r for r in rows if bench.matches(r, "shampoo tau=1", rows)] == ["shampoo tau=1"]
+    assert [r for r in rows if bench.matches(r, "shampoo", rows)] == ["shampoo tau=1", "shampoo tau=10"]
+
+
+def test_train_step_smoke(tmp_path, capsys, one_thread):
+    bench = load("train_step")
+    results = bench.main(["--smoke", "--device", "cpu", "--only", "adamw,asgo tau=10,dasgo",
+                          "--json", str(tmp_path / "t.json")])
+    assert [r["optimizer"] for r in results] == ["adamw", "asgo tau=10", "dasgo"]
+    assert results[0]["median_x_adamw"] == 1.0
+    for r in results:
+        assert 0 < r["opt_median_s"] <= r["median_s"] and r["tokens_per_s"] > 0
+    assert "tokens/s" in capsys.readouterr().out
