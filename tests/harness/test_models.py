@@ -262,3 +262,13 @@ def test_llama_matches_transformers_llama():
     x = torch.randint(0, VOCAB, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], theirs(x).logits, rtol=0, atol=1e-5)
+
+
+def test_grow_vocab_keeps_rows_and_tying():
+    model = tiny("gpt")
+    old = model.wte.weight.detach().clone()
+    model.grow_vocab(VOCAB + 3)
+    assert model.wte.weight.shape == (VOCAB + 3, 64) and model.config.vocab_size == VOCAB + 3
+    assert torch.equal(model.wte.weight[:VOCAB], old) and model.lm_head.weight is model.wte.weight
+    logits, _ = model(torch.tensor([[VOCAB + 2, 0]]))
+    assert logits.shape == (1, 2, VOCAB + 3)

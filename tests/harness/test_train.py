@@ -21,6 +21,7 @@ from asgo.harness.train import train
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[2]
 ASGO_TRAIN = Path(sys.executable).parent / "asgo-train"  # the installed console script
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as conftest.py does in this process
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_tiny_gpt_learns_shakespeare(data_dir, tmp_path):
     result = train(cfg, tmp_path)
     val = [r["loss"] for r in read_metrics(tmp_path / "metrics.csv") if r["split"] == "val"]
     assert len(val) == 3 and abs(val[0] - math.log(65)) < 0.1  # uniform over 65 characters at initialisation
-    assert result["final_val_loss"] < 3.0, result
+    assert result["final_val_loss"] < 2.9, result
     assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "metrics.jsonl").exists()
     assert result["diagnostics"] == {"skipped_steps": 0, "root_failures": 0}
 
@@ -96,6 +97,26 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes(data_dir, full_run, t
     assert train_losses(tmp_path / "resumed") == train_losses(full_run)[7:]
 
 
+def test_fim_fine_tuning_from_a_hugging_face_gpt2_directory(tmp_path):
+    """train.init_from=<HF dir>: the checkpoint's weights, our block size, and FIM's three sentinels
+    appended to its vocabulary (byte tokenizer: 257 ids -> 260)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=257))
+    hf.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "data" / "wikitext2").mkdir(parents=True)
+    for split in ("valid", "test"):
+        shutil.copy(SHARED_DATA / "wikitext2" / f"{split}.txt", tmp_path / "data" / "wikitext2")
+    cfg = config(tmp_path / "data", "dataset=wikitext2", "+dataset.tokenizer=byte", "dataset.objective=fim",
+                 "dataset.train_split=test", "model.block_size=32", "train.train_steps=2", "train.eval_interval=0",
+                 f"train.init_from={tmp_path / 'gpt2'}")
+    result = train(cfg, tmp_path / "run")
+    weights = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert weights["wte.weight"].shape == (260, 32) and weights["wpe.weight"].shape == (32, 32)
+    assert math.isfinite(result["final_val_loss"])
+
+
 def test_missing_dataset_says_how_to_prepare(tmp_path):
     from asgo.harness.data import DatasetError
 
@@ -123,7 +144,7 @@ def test_wandb_only_when_enabled_and_offline_by_default(data_dir, tmp_path, monk
     train(config(data_dir, "train.train_steps=2", "train.eval_interval=0", "train.wandb=true"), tmp_path / "on")
     assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[0][1]["dir"] == str(tmp_path / "on")
     step, values = calls[1][2], calls[1][1]
-    assert step == 1 and set(values) == {"train/loss", "train/lr", "train/tokens_per_s", "train/tokens"}
+    assert step == 1 and {"train/loss", "train/lr", "train/tokens_per_s", "train/tokens"} <= set(values)
     assert values["train/loss"] == train_losses(tmp_path / "on")[0]
     assert calls[-1] == ("finish",)
 
@@ -134,19 +155,19 @@ def test_cli_main_job_and_overrides(data_dir, tmp_path):
            "train.batch_size=4", "train.train_steps=3", "optimizer.learning_rate=0.01",
            f"train.dataset_path={data_dir}", "model.n_layer=1", "train.eval_batches=2"]
     out = subprocess.run(cmd + [f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+                         timeout=300, cwd=tmp_path, env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "final val loss:" in out.stdout and f"{tmp_path / 'run' / 'loss.png'}" in out.stdout
     assert all(key in out.stderr for key in ("loss=", "lr=", "tok_s="))  # the tqdm bar
     assert (tmp_path / "run" / "tensorboard").is_dir() and (tmp_path / "run" / "metrics.csv").is_file()
 
     bad = subprocess.run(cmd + ["optimizer.bogus=1", f"hydra.run.dir={tmp_path / 'bad'}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
     assert bad.returncode != 0 and "bogus" in bad.stderr
 
     missing = subprocess.run(cmd + ["dataset=openwebtext", f"train.dataset_path={tmp_path / 'none'}",
                                     f"hydra.run.dir={tmp_path / 'missing'}"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.startswith("error: dataset 'openwebtext'"), missing.stderr[-3000:]
     assert "python -m asgo.harness.data.prepare openwebtext" in missing.stderr
@@ -154,12 +175,11 @@ def test_cli_main_job_and_overrides(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_identical(data_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "asgo.harness.cli", "optimizer=asgo", "train.train_steps=4", "train.batch_size=4",
            "model.n_layer=1", "train.eval_batches=2", f"train.dataset_path={data_dir}",
            "train.progress=false", f"hydra.run.dir={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["max_param_diff_across_ranks"] == 0.0

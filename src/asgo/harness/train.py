@@ -92,8 +92,10 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     with distributed.main_process_first(dist_info):
         data = load_data(cfg.dataset, t.dataset_path, seed=t.seed)
     model_overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k != "name" and v is not None}
-    if t.init_from and Path(t.init_from).is_dir():
-        model = load_gpt2_pretrained(t.init_from, **{k: v for k, v in model_overrides.items() if k == "dropout"})
+    if t.init_from and Path(t.init_from).is_dir():  # a Hugging Face GPT-2: its architecture, our block/dropout
+        model = load_gpt2_pretrained(t.init_from, **{k: v for k, v in model_overrides.items()
+                                                      if k in ("block_size", "dropout")})
+        model.grow_vocab(data.vocab_size)  # FIM's sentinel tokens
     else:
         model = build_model(cfg.model.name, vocab_size=data.vocab_size, **model_overrides)
         if t.init_from:

@@ -10,6 +10,7 @@ nanoGPT and the ASGO authors' code.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -122,6 +123,20 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-100)
         return logits, loss
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Extend the (tied) token embedding to ``vocab_size`` rows, e.g. for FIM's sentinel tokens
+        when fine-tuning a pretrained model: existing rows are kept, new ones initialised afresh."""
+        old = self.wte.weight
+        if vocab_size <= old.shape[0]:
+            return
+        self.wte = nn.Embedding(vocab_size, self.config.n_embd, device=old.device, dtype=old.dtype)
+        self._init_weights(self.wte)
+        with torch.no_grad():
+            self.wte.weight[:old.shape[0]] = old
+        self.lm_head = nn.Linear(self.config.n_embd, vocab_size, bias=False, device="meta")
+        self.lm_head.weight = self.wte.weight
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters (the tied head counted once); ``exclude_embeddings`` leaves out the
