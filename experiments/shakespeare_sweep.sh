@@ -4,6 +4,8 @@
 # About 30 minutes on one CPU core (one thread: timings stay comparable on a shared machine). DATA is the directory holding shakespeare_char/input.txt.
 #   bash experiments/shakespeare_sweep.sh [DATA] [OUT] [extra asgo-compare overrides...]
 # Shampoo recomputes its roots every 10 steps here (every step costs 8x AdamW's step on CPU).
+# GoLore is pure GoLore here (random bases from the first refresh): with 150 steps and a refresh
+# every 50, GoLore@20% would switch after the last refresh and equal GaLore.
 # On a GPU, the ASGO paper's scale is model=nanogpt train.batch_size=64 train.train_steps=5000.
 set -euo pipefail
 DATA=${1:-${ASGO_DATA_DIR:-$HOME/.cache/asgo/data}}
@@ -13,4 +15,4 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} asgo-compare model=tiny dataset=shakespear
   train.dataset_path="$DATA" compare.out_dir="$OUT" \
   train.train_steps=150 train.batch_size=24 train.eval_interval=25 train.eval_batches=6 \
   train.log_interval=25 compare.seeds=[0,1,2] compare.target_loss=2.5 \
-  +compare.settings.shampoo.precondition_frequency=10 "$@"
+  +compare.settings.shampoo.precondition_frequency=10 +compare.settings.golore.golore_fraction=1.0 "$@"
