@@ -1,7 +1,7 @@
 """Experiment 5: the ASGO paper's WikiText-2 fine-tuning (its Table 4: GPT2-Large, CLM and FIM
 perplexity), scaled down to what runs offline on 2 CPU cores.
 
-    python experiments/finetune_wikitext.py [--data /work/shared/data] [--out runs/experiments/finetune]
+    python experiments/finetune_wikitext.py [--data ../shared/data] [--out runs/experiments/finetune]
                                             [--steps 100] [--seeds 0,1] [--pretrain-steps 400] [--smoke]
 
 1. Pretraining data: Shakespeare (``<data>/shakespeare_char/input.txt``), first 90% / last 10%,
@@ -104,7 +104,8 @@ def evaluate_pretrained(ckpt: Path, data: Path, fim_rate: float, args) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("ASGO_DATA_DIR", "/work/shared/data")))
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("ASGO_DATA_DIR", "~/.cache/asgo/data")).expanduser(),
+                        help="directory holding shakespeare_char/input.txt and wikitext2/{test,valid}.txt")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments/finetune"))
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run")
