@@ -1,7 +1,7 @@
 """Turn a model into one optimizer: hidden matrices to a structured method, the rest to AdamW.
 
     opt = asgo.build_optimizer(model, "asgo", lr=1e-2, precondition_frequency=10)
-    print(opt.report())
+    table = opt.report()   # every parameter: name, shape, algorithm, state bytes
 
 Rules, in order (the first that applies wins; ``routes`` patterns come before all of them):
 

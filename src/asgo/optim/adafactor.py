@@ -77,7 +77,7 @@ class Adafactor(MatrixOptimizer):
     6. **Weight decay.** torch multiplies by ``1 - lr wd`` with the unscheduled ``lr``; here by
        ``1 - rho_k wd`` (equal when ``lr_decay=0``).
     7. torch has no first moment (``beta1``), no skipping of non-finite gradients, and syncs with
-       the host every step (``.item()``).
+       the host every step (it reads its step count into a Python number).
 
     With ``beta2_first=0``, ``c = -beta2_decay``, the same negligible ``eps1``, torch's
     ``eps2 = 1`` with parameters of RMS at most 1, and items 4-6 matched, the two give the same
