@@ -43,3 +43,28 @@ def rel_err(a, b):
 def eigh_inverse_sqrt(V):
     e, Q = torch.linalg.eigh(V)
     return (Q * e.rsqrt()) @ Q.T
+
+
+def two_layer_regression(bias=False, seed=0):
+    """A small ``Linear(8, 16) -> Tanh -> Linear(16, 4)`` model with random regression data."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 4, bias=bias))
+    return model, torch.randn(64, 8), torch.randn(64, 4)
+
+
+def fit_with_closure(opt, model, x, y, steps=30, decay=0.98):
+    """``steps`` of ``opt.step(closure)`` under ``LambdaLR(decay^t)``; return (first, last) loss."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: decay**t)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = closure().item()
+    for _ in range(steps):
+        loss = opt.step(closure)
+        sched.step()
+    return first, loss.item()

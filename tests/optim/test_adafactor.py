@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from problems import rel_err
+from problems import fit_with_closure, rel_err, two_layer_regression
 
 import asgo
 from asgo.optim.adafactor import Adafactor
@@ -411,24 +411,11 @@ def test_step_does_not_sync_with_the_host(monkeypatch):
 
 
 def test_closure_param_groups_and_scheduler():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    model, x, y = two_layer_regression(bias=True)
     opt = Adafactor([{"params": list(model[0].parameters())},
                      {"params": list(model[2].parameters()), "lr": 3e-2}], lr=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.98**t)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    first = closure().item()
-    for _ in range(30):
-        loss = opt.step(closure)
-        sched.step()
-    assert loss.item() < 0.8 * first
+    first, last = fit_with_closure(opt, model, x, y)
+    assert last < 0.8 * first
     assert opt.param_groups[1]["lr"] == pytest.approx(3e-2 * 0.98**30)
 
 

@@ -188,23 +188,6 @@ def test_headwise_rejects_indivisible_rows():
         asgo.ASGO([{"params": [torch.nn.Parameter(torch.zeros(10, 8))], "num_heads": 3}])
 
 
-def test_batched_equals_unbatched():
-    torch.manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(12, 20)) for _ in range(3)]
-    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    batched = asgo.ASGO(params)
-    alone = [asgo.ASGO([p]) for p in singles]
-    for _ in range(4):
-        for p, q in zip(params, singles):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        batched.step()
-        for o in alone:
-            o.step()
-    for p, q in zip(params, singles):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
-
-
 def test_batches_same_shapes_into_one_root_call(monkeypatch):
     calls = []
     original = asgo_module.inverse_sqrt

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 from golore_counterexample import CounterExample
-from problems import least_squares, rel_err
+from problems import fit_with_closure, least_squares, rel_err, two_layer_regression
 
 from asgo.optim.galore import (
     GaLore,
@@ -489,25 +489,11 @@ def test_argument_combinations_name_the_argument():
 
 
 def test_closure_param_groups_and_scheduler():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 4, bias=False))
-    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    model, x, y = two_layer_regression()
     opt = GaLore([{"params": [model[0].weight]},
                   {"params": [model[2].weight], "lr": 3e-2, "inner": "sgd", "momentum": 0.9}],
                  lr=0.05, rank=4, update_proj_gap=5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.98**t)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    first = closure().item()
-    for _ in range(30):
-        loss = opt.step(closure)
-        sched.step()
-    assert loss.item() < 0.8 * first
+    first, last = fit_with_closure(opt, model, x, y)
+    assert last < 0.8 * first
     assert opt.param_groups[1]["lr"] == pytest.approx(3e-2 * 0.98**30)
     assert "momentum_buffer" in opt.state[model[2].weight] and "exp_avg" in opt.state[model[0].weight]

@@ -131,23 +131,6 @@ def test_momentum_zero_update_is_the_orthogonalized_gradient():
     torch.testing.assert_close(W.detach(), W0 - 0.1 * asgo.orthogonalize(G), rtol=0, atol=1e-6)
 
 
-def test_batched_equals_unbatched():
-    torch.manual_seed(2)
-    params = [torch.nn.Parameter(torch.randn(12, 20)) for _ in range(3)]
-    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    batched = Muon(params, lr=0.02)
-    alone = [Muon([p], lr=0.02) for p in singles]
-    for _ in range(4):
-        for p, q in zip(params, singles):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        batched.step()
-        for o in alone:
-            o.step()
-    for p, q in zip(params, singles):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
-
-
 def test_same_shapes_share_one_orthogonalize_call(monkeypatch):
     calls = []
     original = muon_module.orthogonalize

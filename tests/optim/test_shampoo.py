@@ -3,7 +3,7 @@ import io
 
 import pytest
 import torch
-from problems import least_squares, rel_err, run_optimizer
+from problems import fit_with_closure, least_squares, rel_err, run_optimizer, two_layer_regression
 
 import asgo
 from asgo.optim import shampoo as shampoo_module
@@ -343,23 +343,6 @@ def test_grafting_can_be_switched_on_later():
     assert opt.state[W]["exp_avg_sq"].abs().sum() > 0 and torch.isfinite(W).all()
 
 
-def test_batched_equals_unbatched():
-    torch.manual_seed(3)
-    params = [torch.nn.Parameter(torch.randn(12, 20)) for _ in range(3)]
-    params.append(torch.nn.Parameter(torch.randn(20, 12)))
-    singles = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    batched = Shampoo(params)
-    alone = [Shampoo([p]) for p in singles]
-    for _ in range(4):
-        for p, q in zip(params, singles):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        batched.step()
-        for o in alone:
-            o.step()
-    for p, q in zip(params, singles):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
-
 
 def test_one_root_call_per_factor_size(monkeypatch):
     calls = []
@@ -538,25 +521,11 @@ def test_bf16_parameters_follow_float32():
 
 
 def test_closure_param_groups_and_scheduler():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Tanh(),
-                                torch.nn.Linear(16, 4, bias=False))
-    x, y = torch.randn(64, 8), torch.randn(64, 4)
+    model, x, y = two_layer_regression()
     opt = Shampoo([{"params": [model[0].weight]}, {"params": [model[2].weight], "lr": 3e-2,
                                                    "grafting": "none"}], lr=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.98**t)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    first = closure().item()
-    for _ in range(30):
-        loss = opt.step(closure)
-        sched.step()
-    assert loss.item() < 0.8 * first
+    first, last = fit_with_closure(opt, model, x, y)
+    assert last < 0.8 * first
     assert opt.param_groups[1]["lr"] == pytest.approx(3e-2 * 0.98**30)
 
 
