@@ -1,4 +1,5 @@
-"""Small deterministic problems and float64 references shared by the optimizer tests."""
+"""Small deterministic problems and helpers shared by the optimizer tests (the float64
+references of the update rules are in :mod:`asgo.optim.reference`)."""
 
 from __future__ import annotations
 
@@ -38,11 +39,6 @@ def run_optimizer(make_opt, W0, grad, steps, dtype=torch.float32):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def eigh_inverse_sqrt(V):
-    e, Q = torch.linalg.eigh(V)
-    return (Q * e.rsqrt()) @ Q.T
 
 
 def two_layer_regression(bias=False, seed=0):

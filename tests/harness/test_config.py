@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -72,6 +74,65 @@ def test_unknown_keys_are_errors():
         cfg.bogus = 1
     with pytest.raises(ValueError, match="bogus"):
         optimizer_from_config(Model(), cfg, train_steps=10)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_CONFIGS)
+def test_every_optimizer_config_builds(name):
+    cfg = compose_config(f"optimizer={name}").optimizer
+    opt = optimizer_from_config(Model(), cfg, train_steps=100)
+    lrs = {g["algorithm"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {name: cfg.learning_rate, "adamw": cfg.learning_rate}
+
+
+@pytest.mark.parametrize("override, key, use", [("+optimizer.lr=0.5", "optimizer.lr", "optimizer.learning_rate"),
+                                                ("+optimizer.adamw.lr=0.7", "optimizer.adamw.lr",
+                                                 "optimizer.adamw.learning_rate")])
+def test_lr_is_refused_for_learning_rate(override, key, use):
+    cfg = compose_config("optimizer=asgo", override).optimizer
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: use {re.escape(use)} instead"):
+        optimizer_from_config(Model(), cfg, train_steps=10)
+
+
+@pytest.mark.parametrize("override, key, valid", [("+optimizer.foo=1", "optimizer.foo", "momentum, name"),
+                                                  ("+optimizer.adamw.foo=1", "optimizer.adamw.foo", "amsgrad, betas")])
+def test_unknown_keys_are_named_in_full_with_the_valid_ones(override, key, valid):
+    cfg = compose_config("optimizer=asgo", override).optimizer
+    with pytest.raises(ValueError, match=rf"unknown key {re.escape(key)}; valid keys .*{valid}"):
+        optimizer_from_config(Model(), cfg, train_steps=10)
+
+
+def test_added_keys_reach_the_optimizer():
+    cfg = compose_config("optimizer=galore", "+optimizer.dampening=0.25", "+optimizer.adamw.amsgrad=true",
+                         "optimizer.adamw.learning_rate=0.002").optimizer
+    opt = optimizer_from_config(Model(), cfg, train_steps=10)
+    groups = {g["algorithm"]: g for g in opt.param_groups}
+    assert groups["galore"]["dampening"] == 0.25 and groups["galore"]["lr"] == 0.001
+    assert groups["adamw"]["amsgrad"] is True and groups["adamw"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.momentum=abc", "optimizer.momentum: expected a number (float), got 'abc'"),
+    ("optimizer.momentum=true", "optimizer.momentum: expected a number (float), got True"),
+    ("optimizer.momentum=null", "optimizer.momentum: expected a number (float), got None"),
+    ("optimizer.learning_rate=abc", "optimizer.learning_rate: expected a number (float), got 'abc'"),
+    ("optimizer.precondition_frequency=2.5", "optimizer.precondition_frequency: expected an integer (int), got 2.5"),
+    ("optimizer.headwise=1", "optimizer.headwise: expected a bool, got 1"),
+    ("optimizer.root_method=3", "optimizer.root_method: expected a string (str), got 3"),
+    ("optimizer.adamw.eps=abc", "optimizer.adamw.eps: expected a number (float), got 'abc'"),
+])
+def test_wrong_types_name_the_key_and_the_type(override, message):
+    cfg = compose_config("optimizer=asgo", override).optimizer
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        optimizer_from_config(Model(), cfg, train_steps=10)
+
+
+def test_nullable_values_and_library_errors():
+    cfg = compose_config("optimizer=asgo", "optimizer.update_rms=null", "optimizer.learning_rate=1").optimizer
+    assert {g["lr"] for g in optimizer_from_config(Model(), cfg, train_steps=10).param_groups} == {1}
+    cfg = compose_config("optimizer=asgo", "optimizer.momentum=2").optimizer
+    with pytest.raises(ValueError, match=r"^optimizer config for 'asgo': invalid optimizer\.momentum: 2") as e:
+        optimizer_from_config(Model(), cfg, train_steps=10)
+    assert isinstance(e.value.__cause__, ValueError)
 
 
 def test_seed_readme_overrides_compose():

@@ -173,6 +173,17 @@ def test_cli_main_job_and_overrides(data_dir, tmp_path):
     assert "python -m asgo.harness.data.prepare openwebtext" in missing.stderr
 
 
+@pytest.mark.parametrize("override, message", [("+optimizer.lr=0.5", "optimizer.lr: use optimizer.learning_rate"),
+                                               ("optimizer.momentum=abc", "optimizer.momentum: expected a number")])
+def test_cli_optimizer_config_error_before_any_work(tmp_path, override, message):
+    """Before the dataset (missing here) is even looked at: one line, no traceback."""
+    cmd = [str(ASGO_TRAIN), "dataset=openwebtext", f"train.dataset_path={tmp_path / 'none'}", override,
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
+    assert out.returncode == 1 and out.stderr.startswith(f"error: {message}"), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_identical(data_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,29 +1,10 @@
-import math
-
 import pytest
 import torch
 from problems import least_squares, rel_err, run_optimizer
 
 import asgo
-
-
-def dasgo_reference(W0, grad, steps, *, lr, momentum, beta2, eps, weight_decay, update_rms):
-    """DASGO Algorithm 4 in float64, written from the equations."""
-    W = W0.double().clone()
-    m, n = W.shape
-    M = torch.zeros_like(W)
-    v = torch.zeros(n, dtype=torch.float64)
-    iterates = []
-    for _ in range(steps):
-        G = grad(W)
-        M = momentum * M + (1 - momentum) * G
-        v = beta2 * v + (1 - beta2) * torch.diag(G.T @ G)
-        U = M @ torch.diag((v + eps) ** -0.5)
-        if update_rms is not None:
-            U = U * update_rms * math.sqrt(m * n) / torch.linalg.norm(U)
-        W = W * (1 - lr * weight_decay) - lr * U
-        iterates.append(W.clone())
-    return iterates
+from asgo.optim.reference import dasgo_step
+from asgo.optim.reference import run as run_reference
 
 
 @pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16)])
@@ -33,7 +14,7 @@ def test_matches_float64_reference(shape, update_rms, dtype, tol_step):
     W0, grad, _ = least_squares(shape, seed=1)
     hp = dict(lr=0.02 if update_rms else 2e-3, momentum=0.9, beta2=0.95, eps=1e-8,
               weight_decay=0.1, update_rms=update_rms)
-    ref = dasgo_reference(W0, grad, 10, **hp)
+    ref = run_reference(dasgo_step, W0, grad, 10, **hp)
     got, _ = run_optimizer(lambda p: asgo.DASGO(p, **hp), W0, grad, 10, dtype)
     W0 = W0.to(dtype).double()
     for t in range(10):

@@ -10,6 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from asgo.harness.config import ConfigError
 from asgo.harness.data import DatasetError
 from asgo.harness.train import train
 
@@ -22,7 +23,7 @@ def main(cfg: DictConfig) -> float:
     out_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
     try:
         result = train(cfg, out_dir)
-    except DatasetError as e:
+    except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asgo.harness import distributed
 from asgo.harness.checkpoint import load_checkpoint, save_checkpoint
-from asgo.harness.config import optimizer_from_config
+from asgo.harness.config import check_optimizer_config, optimizer_from_config
 from asgo.harness.data import load_data
 from asgo.harness.metrics import MetricsLogger, plot_losses
 from asgo.harness.models import build_model, load_gpt2_pretrained
@@ -81,6 +81,7 @@ class StopRequest:
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the final metrics."""
     t = cfg.train
+    check_optimizer_config(cfg.optimizer, t.train_steps)  # a config error before any work
     dist_info, device = distributed.setup(t.device)
     out_dir = Path(out_dir)
     torch.manual_seed(t.seed)  # same initial weights on every rank
