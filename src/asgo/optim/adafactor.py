@@ -7,20 +7,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asgo.optim._base import (
+from asgo.optim._base import Bucket, MatrixOptimizer, Update
+from asgo.optim._config import (
     LR,
     NON_NEGATIVE,
     POSITIVE,
     UNIT,
-    Bucket,
     HyperParameters,
-    MatrixOptimizer,
     Optional,
     Real,
-    Single,
-    Update,
     hyper,
 )
+from asgo.optim._layout import Single
 
 
 @dataclass

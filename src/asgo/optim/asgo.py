@@ -8,20 +8,9 @@ import torch
 from torch import Tensor
 
 from asgo.linalg import inverse_sqrt
-from asgo.optim._base import (
-    POSITIVE,
-    Bucket,
-    Integer,
-    MatrixOptimizer,
-    MatrixView,
-    Optional,
-    Root,
-    RootSchedule,
-    Update,
-    hyper,
-    rms_normalize,
-    root_due,
-)
+from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update, rms_normalize
+from asgo.optim._config import POSITIVE, Integer, Optional, RootSchedule, hyper, root_due
+from asgo.optim._layout import MatrixView
 
 
 @dataclass

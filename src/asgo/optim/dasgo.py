@@ -7,18 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asgo.optim._base import (
-    POSITIVE,
-    UNIT,
-    Bucket,
-    EMAHyperParameters,
-    MatrixOptimizer,
-    Optional,
-    Single,
-    Update,
-    hyper,
-    rms_normalize,
-)
+from asgo.optim._base import Bucket, MatrixOptimizer, Update, rms_normalize
+from asgo.optim._config import POSITIVE, UNIT, EMAHyperParameters, Optional, hyper
+from asgo.optim._layout import Single
 
 
 @dataclass

@@ -8,25 +8,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asgo.optim._base import (
+from asgo.optim._base import Bucket, MatrixOptimizer, Update
+from asgo.optim._config import (
     LR,
     NON_NEGATIVE,
     POSITIVE,
     STEPS,
     UNIT,
-    Bucket,
     Choice,
     Flag,
     HyperParameters,
     Integer,
-    MatrixOptimizer,
     Optional,
     Real,
     Reals,
-    Single,
-    Update,
     hyper,
 )
+from asgo.optim._layout import Single
 
 PROJ_TYPES = ("std", "left", "right")
 INNER_OPTIMIZERS = ("adamw", "sgd")

@@ -9,23 +9,21 @@ import torch
 from torch import Tensor
 
 from asgo.linalg import NEWTON_SCHULZ_ORTHOGONALIZE_COEFFS, ORTHOGONALIZE_METHODS, orthogonalize
-from asgo.optim._base import (
+from asgo.optim._base import Bucket, MatrixOptimizer, Update
+from asgo.optim._config import (
     LR,
     NON_NEGATIVE,
     POSITIVE,
     STEPS,
     UNIT,
-    Bucket,
     Check,
     Choice,
     Flag,
     HyperParameters,
-    MatrixOptimizer,
     Reals,
-    Single,
-    Update,
     hyper,
 )
+from asgo.optim._layout import Single
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 

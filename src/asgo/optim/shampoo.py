@@ -10,20 +10,8 @@ import torch
 from torch import Tensor
 
 from asgo.linalg import inverse_fourth_root
-from asgo.optim._base import (
-    LR,
-    POSITIVE,
-    STEPS,
-    UNIT,
-    Bucket,
-    Choice,
-    MatrixOptimizer,
-    Root,
-    RootSchedule,
-    Update,
-    hyper,
-    root_due,
-)
+from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update
+from asgo.optim._config import LR, POSITIVE, STEPS, UNIT, Choice, RootSchedule, hyper, root_due
 
 GRAFTING_TYPES = ("adam", "none")
 
