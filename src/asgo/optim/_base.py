@@ -1,14 +1,35 @@
-"""Pieces shared by the matrix optimizers: argument checks, matrix views, fault counters."""
+"""The step every matrix optimizer shares, in three phases, and the pieces it is built from.
+
+``MatrixOptimizer.step`` does, for each param group:
+
+1. **collect** — skip parameters without a gradient, refuse sparse ones, create state, flag
+   non-finite gradients, and put every parameter's matrix blocks (its :class:`Layout`) into
+   buckets keyed by (device, dtype, block shape, step);
+2. **compute** — per bucket, the optimizer's :meth:`~MatrixOptimizer.compute`: a function of the
+   stacked gradients, the stacked state and the group's hyper-parameters that returns the
+   direction and the new state (an :class:`Update`). Inverse roots it asks for (``yield``
+   :class:`Root`) are batched across all buckets of the group by matrix size;
+3. **apply** — per parameter: where its gradient, new state and direction are all finite, write
+   the new state and ``p <- p (1 - lr wd) - lr d``; elsewhere leave the parameter and its state
+   untouched and count the step in ``skipped_steps``.
+
+Compute never writes its inputs, so it can run on any subset of buckets and its results be
+applied elsewhere.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Generator
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from asgo.linalg import compute_dtype
+from asgo.optim._config import HyperParameters
 
 ROUTING_HINT = "route it to AdamW with asgo.build_optimizer(model, ...) or a separate optimizer"
 
@@ -23,72 +44,74 @@ def is_embedding(p: Tensor) -> bool:
     return bool(getattr(p, "_asgo_embedding", False))
 
 
-def check_range(name: str, value: float, low: float, high: float | None = None, *,
-                low_inclusive: bool = True, high_inclusive: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the given interval."""
-    ok_low = value >= low if low_inclusive else value > low
-    ok_high = high is None or (value <= high if high_inclusive else value < high)
-    if not (ok_low and ok_high):
-        lo = "[" if low_inclusive else "("
-        hi = "inf)" if high is None else (f"{high}]" if high_inclusive else f"{high})")
-        raise ValueError(f"invalid {name}: {value!r}, expected a value in {lo}{low}, {hi}")
+# ---------------------------------------------------------------------------------------------
+# The step skeleton.
 
 
-def check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"invalid {name}: {value!r}, expected an integer >= {low}")
+@dataclass
+class Update:
+    """What :meth:`MatrixOptimizer.compute` returns for a bucket of ``B`` stacked blocks.
 
-
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"invalid {name}: {value!r}, expected one of {choices}")
-
-
-@dataclass(frozen=True)
-class MatrixView:
-    """How a parameter is seen as a batch of matrices ``(blocks, short, long)``.
-
-    A tensor of shape ``(out, *rest)`` is viewed as ``(out, prod(rest))`` (conv weights included),
-    split into ``num_blocks`` row blocks (attention heads), and transposed when the row side
-    of a block is not the smaller one (``transpose``) so the preconditioned side comes first.
+    ``direction``: ``(B, *block shape)``; the parameter moves by ``-lr lr_scale direction``.
+    ``state``: the new value of every state entry that changed, stacked as it was read.
+    ``faults``: per-block counts (``(B,)``) added to the fault counter of that name.
+    ``lr_scale``: a schedule factor on ``lr``, for the step and the weight decay alike.
     """
 
-    shape: torch.Size
-    num_blocks: int
-    transpose: bool
+    direction: Tensor
+    state: dict[str, Tensor]
+    faults: dict[str, Tensor] = field(default_factory=dict)
+    lr_scale: float = 1.0
 
-    @classmethod
-    def of(cls, p: Tensor, num_blocks: int = 1, *, transpose_square: bool = True) -> MatrixView:
-        rows, cols = p.shape[0], p[0].numel()
-        if rows % num_blocks:
-            raise ValueError(f"num_heads={num_blocks} does not divide the {rows} rows of a "
-                             f"parameter of shape {tuple(p.shape)}")
-        block_rows = rows // num_blocks
-        transpose = block_rows > cols or (transpose_square and block_rows == cols)
-        return cls(p.shape, num_blocks, transpose)
+
+@dataclass
+class Root:
+    """A request from ``compute`` (``Q = yield Root(...)``, or ``P, Q = yield [Root(...), ...]``)
+    for ``function(matrices, **options)``,
+    which returns ``(roots, ok)``. The skeleton batches all requests of a group with the same
+    function, options, matrix size, dtype and device into one call, keeps ``previous`` where a
+    root is not finite, and counts those blocks in ``root_failures``."""
+
+    function: Callable[..., tuple[Tensor, Tensor]]
+    matrices: Tensor
+    previous: Tensor
+    options: dict[str, Any]
+
+
+@dataclass
+class Slot:
+    """One parameter's share of a bucket."""
+
+    param: Tensor
+    index: int          # the parameter's index in ``state_dict`` numbering
+    state: dict
+    layout: Any         # a Layout
+    finite: Tensor      # 0-dim bool: the gradient is finite
+
+
+@dataclass
+class Bucket:
+    """Same-shape blocks of one group, device, dtype and step, stacked for one compute call."""
+
+    step: int
+    slots: list[Slot] = field(default_factory=list)
 
     @property
-    def block_shape(self) -> tuple[int, int]:
-        rows, cols = self.shape[0] // self.num_blocks, self.shape.numel() // self.shape[0]
-        return (cols, rows) if self.transpose else (rows, cols)
+    def indices(self) -> list[int]:
+        return [s.index for s in self.slots]
 
-    def to_blocks(self, t: Tensor) -> Tensor:
-        b = t.reshape(self.num_blocks, self.shape[0] // self.num_blocks, -1)
-        return b.mT if self.transpose else b
-
-    def from_blocks(self, b: Tensor) -> Tensor:
-        return (b.mT if self.transpose else b).reshape(self.shape)
+    @property
+    def counts(self) -> list[int]:
+        return [s.layout.count for s in self.slots]
 
 
-def check_matrix_params(optimizer_name: str, params: Iterable[Tensor], first_index: int) -> None:
-    """Refuse 1-D parameters and marked embeddings, naming the parameter by index and shape."""
-    for index, p in enumerate(params, start=first_index):
-        if p.ndim < 2 or is_embedding(p):
-            what = "an embedding" if is_embedding(p) else f"a {p.ndim}-D tensor"
-            raise ValueError(
-                f"{optimizer_name} preconditions matrices; parameter {index} of shape "
-                f"{tuple(p.shape)} is {what}: {ROUTING_HINT}")
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _finite_blocks(t: Tensor) -> Tensor:
+    """``(B,)`` bool: whether each of the ``B`` stacked blocks of ``t`` is finite."""
+    return torch.isfinite(t).reshape(t.shape[0], -1).all(1)
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -102,34 +125,246 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
                 optimizer.state[p][key] = value.to(device=p.device, copy=True)
 
 
+def evaluate_closure(closure):
+    """The loss of ``closure()`` with gradients enabled (``step`` runs under ``no_grad``), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def apply_update_(p: Tensor, update: Tensor, lr: float | Tensor, weight_decay: float,
+                  active: Tensor) -> None:
+    """``p <- p (1 - lr wd a) - lr a update`` with ``a`` in {0, 1}: decoupled weight decay then the
+    step, both skipped where ``active`` is 0. Computed in ``update``'s dtype, rounded once."""
+    if p.dtype == update.dtype:
+        p.mul_(1 - lr * weight_decay * active).sub_(update.mul_(lr * active))
+    else:
+        p.copy_(p.to(update.dtype).mul_(1 - lr * weight_decay * active).sub_(update.mul_(lr * active)))
+
+
+def rms_normalize(U: Tensor, rms: float | None) -> Tensor:
+    """Each matrix of ``U`` (..., m, n) scaled to RMS ``rms``: ``U rms sqrt(mn) / ||U||_F``."""
+    if rms is None:
+        return U
+    m, n = U.shape[-2:]
+    return U * (rms * (m * n) ** 0.5 / torch.linalg.matrix_norm(U, keepdim=True).clamp_min(1e-30))
+
+
 class MatrixOptimizer(torch.optim.Optimizer):
-    """Base for optimizers whose state is kept in float32 (float64 for float64 parameters).
+    """Base of the optimizers of this package: the three-phase step (module docstring), typed
+    hyper-parameters, state kept in float32 (float64 for float64 parameters) and device-tensor
+    fault counters.
+
+    A subclass sets ``Config`` (a :class:`HyperParameters` dataclass: the constructor's keyword
+    arguments, their defaults and checks), ``ELEMENTWISE`` (state entries shaped like the
+    parameter), ``COUNTERS``, and writes :meth:`layouts`, :meth:`init_state` and
+    :meth:`compute` — the maths.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
-    which would round float32 moments of bf16 parameters and turn integer fault counters into
-    floats; this class restores the saved dtypes so a resumed run continues exactly.
-    Fault counters (``skipped_steps``, ``root_failures``) are device tensors, read only by
-    :meth:`diagnostics`.
+    which would round float32 moments of bf16 parameters and turn integer counters into floats;
+    the saved dtypes are restored so a resumed run continues exactly. Fault counters are read
+    only by :meth:`diagnostics`; ``step()`` never synchronises with the host.
     """
 
-    COUNTERS: tuple[str, ...] = ("skipped_steps",)
+    Config: ClassVar[type[HyperParameters]]
+    ELEMENTWISE: ClassVar[tuple[str, ...]] = ()
+    COUNTERS: ClassVar[tuple[str, ...]] = ("skipped_steps",)
+    MATRICES_ONLY: ClassVar[bool] = True
 
-    def validate_group(self, group: dict) -> None:
-        """Raise ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" in cls.__dict__:  # the signature users, IDEs and routing see
+            hp = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    default=f.default if f.default is not MISSING else None)
+                  for f in fields(cls.Config)]
+            params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            cls.__signature__ = inspect.Signature([params, *hp])  # type: ignore[attr-defined]
+
+    def __init__(self, params, *args, **hyperparameters):
+        super().__init__(params, asdict(self.Config(*args, **hyperparameters)))
+
+    # --- construction ------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
         self.validate_group({**self.defaults, **param_group})
         first_index = sum(len(g["params"]) for g in self.param_groups)
         super().add_param_group(param_group)
-        check_matrix_params(type(self).__name__, self.param_groups[-1]["params"], first_index)
+        group = self.param_groups[-1]
+        try:
+            for index, p in enumerate(group["params"], start=first_index):
+                self.check_param(p, index, group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def validate_group(self, group: dict) -> None:
+        """Raise ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
+        self.Config(**{f.name: group[f.name] for f in fields(self.Config)})
+
+    def check_param(self, p: Tensor, index: int, group: dict) -> None:
+        """Refuse what this optimizer cannot update, naming the parameter by index and shape."""
+        name = type(self).__name__
+        if torch.is_complex(p):
+            raise ValueError(f"{name} does not support complex parameters; parameter {index} of "
+                             f"shape {tuple(p.shape)} is complex ({p.dtype})")
+        if self.MATRICES_ONLY and (p.ndim < 2 or is_embedding(p)):
+            what = "an embedding" if is_embedding(p) else f"a {p.ndim}-D tensor"
+            raise ValueError(f"{name} preconditions matrices; parameter {index} of shape "
+                             f"{tuple(p.shape)} is {what}: {ROUTING_HINT}")
+        self.layouts(p, group)  # raises on a parameter the group's settings cannot view
 
     @staticmethod
     def state_dtype(p: Tensor) -> torch.dtype:
         return compute_dtype(p.dtype)
 
-    def init_counters(self, state: dict, p: Tensor) -> None:
-        for name in self.COUNTERS:
-            state[name] = torch.zeros((), dtype=torch.int64, device=p.device)
+    # --- what a subclass writes --------------------------------------------------------------
+
+    def layouts(self, p: Tensor, group: dict) -> list:
+        """The :class:`Layout` (s) of ``p``: one per block shape."""
+        raise NotImplementedError
+
+    def init_state(self, state: dict, p: Tensor, group: dict) -> None:
+        """Create the missing state entries of ``p`` (called before every step)."""
+        raise NotImplementedError
+
+    def compute(self, group: dict, G: Tensor, S: dict[str, Tensor], bucket: Bucket
+                ) -> Update | Generator[Root, Tensor, Update]:
+        """The update rule on a bucket: stacked gradient blocks ``G`` (state dtype, non-finite
+        ones zeroed) and stacked state ``S``; never writes ``G`` or ``S``."""
+        raise NotImplementedError
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = evaluate_closure(closure)
+        first_index = 0
+        for group in self.param_groups:
+            buckets = self._collect(group, first_index)
+            updates = self._compute(group, buckets)
+            self._apply(group, buckets, updates)
+            first_index += len(group["params"])
+        return loss
+
+    def _collect(self, group: dict, first_index: int) -> list[Bucket]:
+        buckets: dict[tuple, Bucket] = {}
+        for index, p in enumerate(group["params"], start=first_index):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   f"parameter {index} of shape {tuple(p.shape)} has one")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.int64)
+                for name in self.COUNTERS:
+                    state[name] = torch.zeros((), dtype=torch.int64, device=p.device)
+            self.init_state(state, p, group)
+            state["step"] += 1
+            step = int(state["step"])  # a CPU tensor: no device sync
+            finite = torch.isfinite(p.grad).all()
+            for layout in self.layouts(p, group):
+                key = (p.device, p.dtype, tuple(layout.shape), step)
+                buckets.setdefault(key, Bucket(step)).slots.append(Slot(p, index, state, layout, finite))
+        return list(buckets.values())
+
+    def _stacked_state(self, bucket: Bucket) -> dict[str, Tensor]:
+        state = bucket.slots[0].state
+        keys = [k for k, v in state.items()
+                if torch.is_tensor(v) and k != "step" and k not in self.COUNTERS]
+        return {k: _cat([s.layout.blocks(s.state[k]) if k in self.ELEMENTWISE
+                         else s.layout.state(k, s.state[k]) for s in bucket.slots]) for k in keys}
+
+    def _run(self, group: dict, bucket: Bucket) -> Generator[Root, Tensor, tuple]:
+        dtype = self.state_dtype(bucket.slots[0].param)
+        G = _cat([s.layout.blocks(torch.where(s.finite, s.param.grad, 0).to(dtype))
+                  for s in bucket.slots])
+        S = self._stacked_state(bucket)
+        out = self.compute(group, G, S, bucket)
+        if inspect.isgenerator(out):
+            out = yield from out
+        return S, out
+
+    def _compute(self, group: dict, buckets: list[Bucket]) -> list[tuple]:
+        """Run ``compute`` on every bucket, answering their :class:`Root` requests in batches."""
+        runs = [self._run(group, b) for b in buckets]
+        results: list[tuple] = [()] * len(runs)
+        failures: dict[int, list[Tensor]] = defaultdict(list)
+        replies: dict[int, Tensor | None] = dict.fromkeys(range(len(runs)))
+        while replies:
+            requests = {}
+            for i, reply in replies.items():
+                try:
+                    requests[i] = runs[i].send(reply)
+                except StopIteration as done:
+                    results[i] = done.value
+            replies = self._answer(requests, failures)
+        for i, (S, update) in enumerate(results):
+            if failures[i]:
+                update.faults["root_failures"] = sum(failures[i])
+        return results
+
+    @staticmethod
+    def _answer(requests: dict[int, Root | list[Root]], failures: dict[int, list[Tensor]]) -> dict:
+        items = [(i, j, r) for i, req in requests.items()
+                 for j, r in enumerate(req if isinstance(req, list) else [req])]
+        batches = defaultdict(list)
+        for item in items:
+            r = item[2]
+            key = (r.function, tuple(sorted(r.options.items())), r.matrices.shape[1:],
+                   r.matrices.dtype, r.matrices.device)
+            batches[key].append(item)
+        answers = {}
+        for (function, options, *_), batch in batches.items():
+            roots, ok = function(_cat([r.matrices for _, _, r in batch]), **dict(options))
+            sizes = [r.matrices.shape[0] for _, _, r in batch]
+            for (i, j, r), root, ok_r in zip(batch, roots.split(sizes), ok.split(sizes)):
+                answers[i, j] = torch.where(ok_r.reshape(-1, 1, 1), root, r.previous)
+                failures[i].append((~ok_r).to(torch.int64))
+        return {i: [answers[i, j] for j in range(len(req))] if isinstance(req, list) else answers[i, 0]
+                for i, req in requests.items()}
+
+    def _apply(self, group: dict, buckets: list[Bucket], results: list[tuple]) -> None:
+        """Write the new state and step every parameter whose blocks all came out finite."""
+        ok_blocks, slots_of = {}, defaultdict(list)
+        for bucket, (S, update) in zip(buckets, results):
+            finite = [s.finite.expand(s.layout.count) for s in bucket.slots]
+            ok = _cat(finite) & _finite_blocks(update.direction)
+            for value in update.state.values():
+                ok = ok & _finite_blocks(value)
+            for j, (slot, ok_j) in enumerate(zip(bucket.slots, ok.split(bucket.counts))):
+                ok_blocks[id(slot)] = ok_j
+                slots_of[slot.index].append((slot, bucket, S, update, j))
+        lr = group["lr"]
+        for entries in slots_of.values():
+            slots = [e[0] for e in entries]
+            ok = _cat([ok_blocks[id(s)] for s in slots]).all()
+            p, state = slots[0].param, slots[0].state
+            directions = []
+            for slot, bucket, S, update, j in entries:
+                start = sum(bucket.counts[:j])
+                part = slice(start, start + slot.layout.count)
+                for key, new in update.state.items():
+                    kept = torch.where(ok, new[part], S[key][part])
+                    if key in self.ELEMENTWISE:
+                        slot.layout.write(state[key], kept)
+                    else:
+                        slot.layout.state(key, state[key]).copy_(kept)
+                for name, count in update.faults.items():
+                    state[name] += count[part].sum() * ok
+                directions.append(update.direction[part])
+            if len(slots) == 1:
+                d = slots[0].layout.merge(directions[0])
+            else:
+                d = torch.empty(p.shape, dtype=directions[0].dtype, device=p.device)
+                for slot, blocks in zip(slots, directions):
+                    slot.layout.write(d, blocks)
+            state["skipped_steps"] += (~ok).to(torch.int64)
+            a = ok.to(d.dtype)
+            apply_update_(p, d, _lr(lr) * entries[0][3].lr_scale, group["weight_decay"], a)
+
+    # --- reading the counters -----------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -145,32 +380,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return totals
 
 
-def evaluate_closure(closure):
-    """The loss of ``closure()`` with gradients enabled (``step`` runs under ``no_grad``), or None."""
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
+def _lr(lr: float | Tensor) -> float | Tensor:
+    """A tensor lr as a 0-dim tensor (shape [1] or [1, 1] would broadcast into the parameter)."""
+    return lr.reshape(()) if torch.is_tensor(lr) else lr
 
-
-def finite_flag(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """0-dim tensor of ``dtype``: 1 if every entry of ``t`` is finite, else 0 (no host sync)."""
-    return torch.isfinite(t).all().to(dtype)
-
-
-def apply_update_(p: Tensor, update: Tensor, lr: float, weight_decay: float, active: Tensor) -> None:
-    """``p <- p (1 - lr wd a) - lr a update`` with ``a`` in {0, 1}: decoupled weight decay then the
-    step, both skipped where ``active`` is 0. Computed in ``update``'s dtype, rounded once."""
-    if p.dtype == update.dtype:
-        p.mul_(1 - lr * weight_decay * active).sub_(update.mul_(lr * active))
-    else:
-        p.copy_(p.to(update.dtype).mul_(1 - lr * weight_decay * active).sub_(update.mul_(lr * active)))
-
-
-def rms_normalize_(U: Tensor, rms: float | None) -> Tensor:
-    """Scale each matrix of ``U`` (..., m, n) in place to RMS ``rms``: ``U * rms sqrt(mn) / ||U||_F``."""
-    if rms is None:
-        return U
-    m, n = U.shape[-2:]
-    norm = torch.linalg.matrix_norm(U, keepdim=True).clamp_min(1e-30)
-    return U.mul_(rms * (m * n) ** 0.5 / norm)
