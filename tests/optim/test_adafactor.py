@@ -77,8 +77,8 @@ def test_matches_algorithm_1_in_float64(c, clip, lr_decay):
     assert max_rel_err(got, ref, X0) < 1e-14  # measured: < 8e-16
 
 
-@pytest.mark.parametrize("extras", [dict(beta1=0.9), dict(weight_decay=0.1),
-                                    dict(beta1=0.5, weight_decay=0.2, beta2_first=0.0)])
+@pytest.mark.parametrize("extras", [dict(momentum=0.9), dict(weight_decay=0.1),
+                                    dict(momentum=0.5, weight_decay=0.2, beta2_first=0.0)])
 def test_extensions_match_reference(extras):
     X0, grad = make_problem(seed=2)
     hp = dict(lr=0.05, c=0.8, lr_decay=0.5, eps1=1e-30, clip_threshold=1.0, clip_alpha=3.0, **extras)
@@ -209,7 +209,7 @@ def test_beta2_first_is_where_the_default_departs_from_torch():
 def test_defaults_are_algorithm_1():
     d = Adafactor([torch.nn.Parameter(torch.zeros(2, 3))]).defaults
     assert d == dict(lr=1e-2, c=1.0, lr_decay=0.0, eps1=1e-30, clip_threshold=1.0, clip_alpha=None,
-                     beta1=None, weight_decay=0.0, beta2_first=0.5)
+                     momentum=None, weight_decay=0.0, beta2_first=0.5)
 
 
 def test_accepts_vectors_scalars_and_embeddings_with_factored_state():
@@ -217,7 +217,7 @@ def test_accepts_vectors_scalars_and_embeddings_with_factored_state():
     asgo.mark_as_embedding(emb)
     W, b, s, conv = (torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(7)),
                      torch.nn.Parameter(torch.randn(())), torch.nn.Parameter(torch.randn(3, 2, 4, 5)))
-    opt = Adafactor([W, b, emb], beta1=0.9)
+    opt = Adafactor([W, b, emb], momentum=0.9)
     opt.add_param_group({"params": [s, conv], "lr": 0.1})
     for p in (W, b, emb, s, conv):
         p.grad = torch.randn_like(p)
@@ -263,7 +263,7 @@ def set_grads(params, grads):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_gradient_skips_and_keeps_state(bad, index):
     params, grads = params_and_grads()
-    opt = Adafactor(params, beta1=0.9, weight_decay=0.1)
+    opt = Adafactor(params, momentum=0.9, weight_decay=0.1)
     for gs in grads[:3]:
         set_grads(params, gs)
         opt.step()
@@ -289,7 +289,7 @@ def test_non_finite_gradient_skips_and_keeps_state(bad, index):
 
 def test_skipped_first_step_and_zero_gradients_stay_finite():
     params, grads = params_and_grads()
-    opt = Adafactor(params, beta1=0.9)
+    opt = Adafactor(params, momentum=0.9)
     before = [p.detach().clone() for p in params]
     set_grads(params, [torch.full_like(g, float("nan")) for g in grads[0]])
     opt.step()  # moments never updated: W = 0 must not leak NaN into the parameters
@@ -307,7 +307,7 @@ def test_skipped_first_step_and_zero_gradients_stay_finite():
 def test_cuda_step_does_not_sync_and_matches_cpu():
     params, grads = params_and_grads()
     cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
-    kw = dict(beta1=0.9, weight_decay=0.1, clip_alpha=2.0, lr_decay=0.5)
+    kw = dict(momentum=0.9, weight_decay=0.1, clip_alpha=2.0, lr_decay=0.5)
     opt, cuda_opt = Adafactor(params, **kw), Adafactor(cuda_params, **kw)
     for gs in grads[:3]:
         set_grads(params, gs)

@@ -98,8 +98,9 @@ def test_rank_is_clamped_to_the_smaller_dimension():
     opt.step()
     shapes = [tuple(opt.state[p]["projector"].shape) for p in params]
     assert shapes == [(6, 6), (6, 6), (10, 6)]
+    # moments are (r, l): the projected side's rank, then the other side
     assert opt.state[params[0]]["exp_avg"].shape == (6, 10)  # left: (r, n)
-    assert opt.state[params[1]]["exp_avg"].shape == (10, 6)  # right: (m, r)
+    assert opt.state[params[1]]["exp_avg"].shape == (6, 10)  # right: (r, m)
     assert opt.state[params[2]]["exp_avg"].shape == (6, 6)   # forced left on a tall matrix: (r, n)
 
 

@@ -176,7 +176,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         if "Config" in cls.__dict__:  # the signature users, IDEs and routing see
             hp = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                    default=f.default if f.default is not MISSING else None)
+                                    default=f.default if f.default is not MISSING else None,
+                                    annotation=f.type)
                   for f in fields(cls.Config)]
             params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             cls.__signature__ = inspect.Signature([params, *hp])  # type: ignore[attr-defined]
@@ -361,8 +362,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for slot, blocks in zip(slots, directions):
                     slot.layout.write(d, blocks)
             state["skipped_steps"] += (~ok).to(torch.int64)
-            a = ok.to(d.dtype)
-            apply_update_(p, d, _lr(lr) * entries[0][3].lr_scale, group["weight_decay"], a)
+            d = torch.where(ok, d, 0)  # a skipped direction may hold inf or NaN: 0 * NaN is NaN
+            apply_update_(p, d, _lr(lr) * entries[0][3].lr_scale, group["weight_decay"], ok.to(d.dtype))
 
     # --- reading the counters -----------------------------------------------------------------
 
