@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
 import torch
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from asgo.optim import ASGO, DASGO, Adafactor, GaLore, GoLore, Muon, Shampoo
 from asgo.optim._base import evaluate_closure, is_embedding, restore_state_dtypes
@@ -81,10 +83,28 @@ class RoutedOptimizer(torch.optim.Optimizer):
             opt.step()
         return loss
 
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``, with the state of matrices other ranks own gathered first when
+        an inner optimizer has a process group (a collective: call it on every rank)."""
+        distributed = [o for o in self.optimizers.values() if getattr(o, "process_group", None)]
+        if not distributed:
+            return super().state_dict()
+        full = dict(self.state)
+        for opt in distributed:
+            full.update(opt.gathered_state())
+        local, self.state = self.state, defaultdict(dict, full)
+        try:
+            return super().state_dict()
+        finally:
+            self.state = local
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._link()
         restore_state_dtypes(self, state_dict)
+        for opt in self.optimizers.values():
+            if getattr(opt, "process_group", None):
+                opt.drop_unowned_state()
 
     def diagnostics(self) -> dict[str, int]:
         """Fault counters summed over the inner optimizers that keep them (syncs)."""
@@ -183,7 +203,8 @@ def route_parameters(model: nn.Module, name: str, routes: Mapping[str, str] | No
 
 def build_optimizer(model: nn.Module, name: str, *, adamw: Mapping | None = None,
                     routes: Mapping[str, str] | None = None, headwise: bool = True,
-                    report_to: TextIO | None = None, **hyperparams) -> RoutedOptimizer:
+                    report_to: TextIO | None = None, process_group: ProcessGroup | None = None,
+                    **hyperparams) -> RoutedOptimizer:
     """One optimizer for ``model``: hidden matrices to ``name`` with ``hyperparams``, embeddings,
     the output head, norms and biases to AdamW with ``adamw`` (default: the same ``lr`` as the
     matrices, betas (0.9, 0.95), eps 1e-8, no weight decay, as the ASGO authors' setup).
@@ -216,7 +237,9 @@ def build_optimizer(model: nn.Module, name: str, *, adamw: Mapping | None = None
         if heads > 1:
             group["num_heads"] = heads
         param_groups.setdefault(algorithm, []).append(group)
-    optimizers = {algorithm: OPTIMIZERS[algorithm](groups) for algorithm, groups in param_groups.items()}
+    optimizers = {algorithm: OPTIMIZERS[algorithm](groups) if algorithm == "adamw" or process_group is None
+                  else OPTIMIZERS[algorithm](groups, process_group=process_group)
+                  for algorithm, groups in param_groups.items()}
     optimizer = RoutedOptimizer(optimizers, routed)
     if report_to is not None:
         report_to.write(optimizer.report() + "\n")

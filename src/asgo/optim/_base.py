@@ -26,10 +26,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from asgo.linalg import compute_dtype
 from asgo.optim._config import HyperParameters
+from asgo.optim._distributed import Expected, all_gather_states, all_gather_updates, lpt_owners, matrix_cost
 
 ROUTING_HINT = "route it to AdamW with asgo.build_optimizer(model, ...) or a separate optimizer"
 
@@ -95,6 +97,7 @@ class Bucket:
 
     step: int
     slots: list[Slot] = field(default_factory=list)
+    in_place: set[str] = field(default_factory=set)  # state keys whose stack is the state itself
 
     @property
     def indices(self) -> list[int]:
@@ -176,6 +179,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
     parameter), ``COUNTERS``, and writes :meth:`layouts`, :meth:`init_state` and
     :meth:`compute` — the maths.
 
+    ``process_group`` (keyword, every class but :class:`~asgo.optim.Adafactor`): owner-compute
+    for replicated parameters (DDP, after the gradient all-reduce). Each matrix gets an owner rank
+    by longest-processing-time packing on its cost; only the owner keeps its state and computes its
+    direction, and one ``all_gather`` per (device, dtype) and step brings every direction to every
+    rank, which applies the same update: the parameters equal a single process's bit for bit
+    (``tests/optim/distributed_worker.py``). Every rank must see the same gradients (``None``
+    included). ``state_dict()`` gathers the whole state (a collective) and ``load_state_dict``
+    keeps the owned part, so checkpoints load at any world size.
+
     ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
     which would round float32 moments of bf16 parameters and turn integer counters into floats;
     the saved dtypes are restored so a resumed run continues exactly. Fault counters are read
@@ -186,6 +198,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     ELEMENTWISE: ClassVar[tuple[str, ...]] = ()
     COUNTERS: ClassVar[tuple[str, ...]] = ("skipped_steps",)
     MATRICES_ONLY: ClassVar[bool] = True
+    DISTRIBUTED: ClassVar[bool] = True  # supports owner-compute under a process_group
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -195,10 +208,22 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                     annotation=f.type)
                   for f in fields(cls.Config)]
             params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            cls.__signature__ = inspect.Signature([params, *hp])  # type: ignore[attr-defined]
+            group = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
+            cls.__signature__ = inspect.Signature([params, *hp, group])  # type: ignore[attr-defined]
 
-    def __init__(self, params, *args, **hyperparameters):
+    def __init__(self, params, *args, process_group: dist.ProcessGroup | None = None,
+                 **hyperparameters):
+        self.process_group = process_group
+        self._owners: dict[Tensor, int] = {}
+        self._loads: list[float] | None = None
         super().__init__(params, asdict(self.Config(*args, **hyperparameters)))
+        if process_group is not None:
+            if not self.DISTRIBUTED:
+                raise ValueError(f"{type(self).__name__} is single-process: its step schedule lives "
+                                 f"in the per-parameter state; pass process_group=None")
+            if not dist.is_initialized():
+                raise ValueError("process_group is given but torch.distributed is not initialised")
+            self._assign_owners([p for g in self.param_groups for p in g["params"]])
 
     # --- construction ------------------------------------------------------------------------
 
@@ -213,6 +238,30 @@ class MatrixOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if getattr(self, "_loads", None) is not None:  # after construction, under a process group
+            self._assign_owners(group["params"])
+
+    def __getstate__(self) -> dict:
+        # torch keeps only defaults, state and param_groups; a process group cannot be pickled
+        if self.process_group is not None:
+            raise TypeError(f"a {type(self).__name__} with a process_group cannot be copied or "
+                            f"pickled; save its state_dict() instead")
+        return super().__getstate__()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.process_group, self._owners, self._loads = None, {}, None
+
+    def _assign_owners(self, params: list[Tensor]) -> None:
+        """Owners of ``params`` by longest-processing-time packing on their matrix cost."""
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        costs = [matrix_cost(self.layouts(p, groups[p])) for p in params]
+        owners, self._loads = lpt_owners(costs, dist.get_world_size(self.process_group), self._loads)
+        self._owners.update(zip(params, owners))
+
+    def owns(self, p: Tensor) -> bool:
+        """Whether this rank computes ``p``'s update and keeps its state (always, alone)."""
+        return self.process_group is None or self._owners[p] == dist.get_rank(self.process_group)
 
     def validate_group(self, group: dict) -> None:
         """Raise ``ValueError`` naming the first invalid hyper-parameter of ``group``."""
@@ -255,18 +304,44 @@ class MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
-        first_index = 0
+        updates, first_index = {}, 0
         for group in self.param_groups:
             buckets = self._collect(group, first_index)
-            updates = self._compute(group, buckets)
-            self._apply(group, buckets, updates)
+            updates.update(self._commit(group, buckets, self._compute(group, buckets)))
             first_index += len(group["params"])
+        if self.process_group is not None:
+            updates = self._exchange(updates)
+        for group, p, d, ok, lr_scale in self._stepping(updates):
+            apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"], ok)
         return loss
+
+    def _stepping(self, updates: dict[int, tuple]):
+        """``(group, parameter, direction, flag, lr scale)`` of every parameter that steps."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if index in updates:
+                    d, ok, lr_scale = updates[index]
+                    yield group, p, d.view(p.shape), ok, lr_scale
+                index += 1
+
+    def _exchange(self, updates: dict[int, tuple]) -> dict[int, tuple]:
+        """Owner-compute: every owner's directions and flags to every rank."""
+        expected, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    expected.append(Expected(index, self._owners[p], p.numel(),
+                                             self.state_dtype(p), p.device))
+                index += 1
+        mine = {i: (d, ok) for i, (d, ok, _) in updates.items()}
+        return {i: (d, ok, 1.0) for i, (d, ok) in
+                all_gather_updates(mine, expected, self.process_group).items()}
 
     def _collect(self, group: dict, first_index: int) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
         for index, p in enumerate(group["params"], start=first_index):
-            if p.grad is None:
+            if p.grad is None or not self.owns(p):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
@@ -290,22 +365,26 @@ class MatrixOptimizer(torch.optim.Optimizer):
         t = slot.state[key]
         return slot.layout.blocks(t) if key in self.ELEMENTWISE else slot.layout.state(key, t)
 
-    def _in_place(self, bucket: Bucket, key: str) -> bool:
-        """Whether the stacked ``S[key]`` of ``bucket`` is the state itself (a view), not a copy."""
-        layout = bucket.slots[0].layout
-        return len(bucket.slots) == 1 and (key not in self.ELEMENTWISE or layout.views)
-
     def _stacked_state(self, bucket: Bucket) -> dict[str, Tensor]:
+        """Every state entry of the bucket's blocks stacked, contiguous (reductions over a
+        permuted tensor round differently, and the result must not depend on the bucket). Keys
+        whose stack is the state itself (one slot, a contiguous view) go in ``bucket.in_place``."""
         state = bucket.slots[0].state
         keys = [k for k, v in state.items()
                 if torch.is_tensor(v) and k != "step" and k not in self.COUNTERS]
-        return {k: _cat([self._state_view(s, k) for s in bucket.slots]) for k in keys}
+        stacked = {}
+        for k in keys:
+            views = [self._state_view(s, k) for s in bucket.slots]
+            stacked[k] = _cat(views).contiguous()
+            if stacked[k] is views[0] and (k not in self.ELEMENTWISE or bucket.slots[0].layout.views):
+                bucket.in_place.add(k)
+        return stacked
 
     def _run(self, group: dict, bucket: Bucket) -> Generator[Root, Tensor, tuple]:
         dtype = self.state_dtype(bucket.slots[0].param)
         G = _cat([s.layout.blocks(s.param.grad) for s in bucket.slots]).to(dtype)
         finite = _cat([s.finite.expand(s.layout.count) for s in bucket.slots])
-        G = torch.where(_per_block(finite, G), G, 0)
+        G = torch.where(_per_block(finite, G), G, 0).contiguous()
         S = self._stacked_state(bucket)
         out = self.compute(group, G, S, bucket)
         if inspect.isgenerator(out):
@@ -351,8 +430,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return {i: [answers[i, j] for j in range(len(req))] if isinstance(req, list) else answers[i, 0]
                 for i, req in requests.items()}
 
-    def _apply(self, group: dict, buckets: list[Bucket], results: list[tuple]) -> None:
-        """Write the new state and step every parameter whose blocks all came out finite."""
+    def _commit(self, group: dict, buckets: list[Bucket], results: list[tuple]) -> dict[int, tuple]:
+        """Write the new state of every parameter whose blocks all came out finite (the old
+        elsewhere, counted in ``skipped_steps``); return ``{index: (direction, flag, lr scale)}``,
+        the direction zeroed and the 0/1 flag 0 where skipped."""
         # which parameters came out finite: every block of theirs, in every bucket
         changed, ok_of = [], {}
         for bucket, (S, update) in zip(buckets, results):
@@ -368,7 +449,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
             ok = _cat([ok_of[s.index].expand(s.layout.count) for s in bucket.slots])
             for key, new in new_state.items():
                 kept = torch.where(_per_block(ok, new), new, S[key],
-                                   out=S[key] if self._in_place(bucket, key) else None)
+                                   out=S[key] if key in bucket.in_place else None)
                 if kept is not S[key]:
                     for slot, part in zip(bucket.slots, kept.split(bucket.counts)):
                         self._write(slot, key, part)
@@ -378,7 +459,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     slot.state[name] += n.sum()
             for slot, d in zip(bucket.slots, D.split(bucket.counts)):
                 directions[slot.index].append((slot, d, update.lr_scale))
-        # per parameter: the skip counter, decoupled weight decay and the step
+        # per parameter: the skip counter and the direction, whole
+        updates = {}
         for index, parts in directions.items():
             p, state, lr_scale = parts[0][0].param, parts[0][0].state, parts[0][2]
             if len(parts) == 1:
@@ -388,8 +470,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for slot, blocks, _ in parts:
                     slot.layout.write(d, blocks)
             state["skipped_steps"] += (~ok_of[index]).to(torch.int64)
-            apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"],
-                          ok_of[index].to(d.dtype))
+            updates[index] = (d, ok_of[index].to(d.dtype), lr_scale)
+        return updates
 
     def _write(self, slot: Slot, key: str, blocks: Tensor) -> None:
         if key in self.ELEMENTWISE and not slot.layout.views:
@@ -399,18 +481,51 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     # --- reading the counters -----------------------------------------------------------------
 
+    def state_dict(self) -> dict:
+        """torch's ``state_dict``; under a process group every rank's state is gathered first
+        (a collective: call it on every rank), so the result is the whole optimizer's, the same
+        on every rank, and loads at any world size."""
+        if self.process_group is None:
+            return super().state_dict()
+        local, self.state = self.state, defaultdict(dict, self.gathered_state())
+        try:
+            return super().state_dict()
+        finally:
+            self.state = local
+
+    def gathered_state(self) -> dict[Tensor, dict]:
+        """The state of every parameter, whichever rank owns it (a collective under a process
+        group; tensors on the parameters' devices)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if self.process_group is None:
+            return {p: self.state[p] for p in params if self.state.get(p)}
+        owned = {i: self.state[p] for i, p in enumerate(params) if self.owns(p) and self.state.get(p)}
+        return {params[i]: {k: v.to(params[i].device) if torch.is_tensor(v) and k != "step" else v
+                            for k, v in s.items()}
+                for i, s in all_gather_states(owned, self.process_group).items()}
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+        self.drop_unowned_state()
+
+    def drop_unowned_state(self) -> None:
+        """Under a process group, forget the state of the matrices another rank owns."""
+        for p in [p for g in self.param_groups for p in g["params"] if not self.owns(p)]:
+            self.state.pop(p, None)
 
     def diagnostics(self) -> dict[str, int]:
-        """Totals of the fault counters over all parameters (synchronises; call outside step)."""
-        totals = {name: 0 for name in self.COUNTERS}
+        """Totals of the fault counters over all parameters (synchronises; call outside step;
+        under a process group a collective over every rank's parameters)."""
+        totals = torch.zeros(len(self.COUNTERS), dtype=torch.int64)
         for state in self.state.values():
-            for name in self.COUNTERS:
+            for i, name in enumerate(self.COUNTERS):
                 if name in state:
-                    totals[name] += int(state[name])
-        return totals
+                    totals[i] += state[name].cpu()
+        if self.process_group is not None:
+            totals = totals.to(self.param_groups[0]["params"][0].device)
+            dist.all_reduce(totals, group=self.process_group)
+        return dict(zip(self.COUNTERS, totals.tolist()))
 
 
 def _lr(lr: float | Tensor) -> float | Tensor:

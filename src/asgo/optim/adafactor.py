@@ -90,6 +90,7 @@ class Adafactor(MatrixOptimizer):
     Config = AdafactorConfig
     ELEMENTWISE = ("momentum", "second_moment")
     MATRICES_ONLY = False
+    DISTRIBUTED = False  # its step size follows each parameter's own step count
 
     def layouts(self, p: Tensor, group: dict) -> list[Single]:
         return [Single(p.shape, tuple(p.shape))]
