@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from asgo.harness.config import CONFIG_DIR
+from asgo.harness.config import CONFIG_DIR, ConfigError
 from asgo.harness.metrics import MetricsLogger, read_metrics
 from asgo.harness.train import train
 
@@ -33,12 +34,13 @@ def data_dir(tmp_path_factory):
     return root
 
 
+BASE = ["model=tiny", "model.n_layer=2", "model.n_embd=64", "model.block_size=64", "train.batch_size=8",
+        "train.eval_batches=4", "train.log_interval=1", "train.progress=false", "train.tensorboard=false"]
+
+
 def config(data_dir, *overrides):
-    base = ["model=tiny", "model.n_layer=2", "model.n_embd=64", "model.block_size=64",
-            "train.batch_size=8", "train.eval_batches=4", "train.log_interval=1", "train.progress=false",
-            "train.tensorboard=false", f"train.dataset_path={data_dir}"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="config", overrides=base + list(overrides))
+        return compose(config_name="config", overrides=[*BASE, f"train.dataset_path={data_dir}", *overrides])
 
 
 def train_losses(out_dir):
@@ -174,7 +176,8 @@ def test_cli_main_job_and_overrides(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [("+optimizer.lr=0.5", "optimizer.lr: use optimizer.learning_rate"),
-                                               ("optimizer.momentum=abc", "optimizer.momentum: expected a number")])
+                                               ("optimizer.momentum=abc", "optimizer.momentum: expected a number"),
+                                               ("train.parallel=fsdp2", "train.parallel=fsdp2 is not supported")])
 def test_cli_optimizer_config_error_before_any_work(tmp_path, override, message):
     """Before the dataset (missing here) is even looked at: one line, no traceback."""
     cmd = [str(ASGO_TRAIN), "dataset=openwebtext", f"train.dataset_path={tmp_path / 'none'}", override,
@@ -184,13 +187,99 @@ def test_cli_optimizer_config_error_before_any_work(tmp_path, override, message)
     assert "Traceback" not in out.stderr
 
 
+def test_parallel_config_errors_before_any_work(tmp_path):
+    """Checked before the dataset (missing here) is looked at."""
+    for override, message in [("train.parallel=fsdp2", "train.parallel=fsdp2 is not supported yet"),
+                              ("train.parallel=zero", "train.parallel: unknown value 'zero'"),
+                              ("train.owner_compute=maybe", "train.owner_compute: expected a bool")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+            train(config(tmp_path, "dataset=openwebtext", override), tmp_path / "run")
+
+
+# torchrun: 2 gloo processes on CPU, 1 layer, 4 steps of 4 sequences per process
+DDP = ["optimizer=asgo", "optimizer.precondition_frequency=3", "model.n_layer=1", "model.dropout=0.1",
+       "train.batch_size=4", "train.train_steps=4", "train.eval_interval=0", "train.eval_batches=2",
+       "train.plot=false"]
+
+
+def torchrun(data_dir, out, *overrides, nproc=2):
+    """``asgo-train`` under torchrun with BASE + DDP + ``overrides``; its summary.json."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "asgo.harness.cli", *BASE, f"train.dataset_path={data_dir}", *DDP, *overrides,
+           f"hydra.run.dir={out}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    assert summary["world_size"] == nproc and summary["max_param_diff_across_ranks"] == 0.0, summary
+    return summary | {"log": run.stdout + run.stderr}
+
+
+def checkpoint_of(out):
+    return torch.load(Path(out) / "checkpoint.pt", weights_only=True)
+
+
+def equal(a, b):
+    """Bitwise equality of nested checkpoint contents."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir, tmp_path_factory):
+    """2 processes, owner-compute (the default), keeping the checkpoint of step 2."""
+    out = tmp_path_factory.mktemp("ddp")
+    summary = torchrun(data_dir, out, "train.checkpoint_interval=2", "train.keep_checkpoints=true")
+    return out, summary
+
+
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_end_identical(data_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "asgo.harness.cli", "optimizer=asgo", "train.train_steps=4", "train.batch_size=4",
-           "model.n_layer=1", "train.eval_batches=2", f"train.dataset_path={data_dir}",
-           "train.progress=false", f"hydra.run.dir={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ONE_THREAD, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["max_param_diff_across_ranks"] == 0.0
+def test_torchrun_owner_compute_equals_every_rank_computing(data_dir, ddp_run, tmp_path):
+    """Owner-compute and every rank computing every update end bitwise equal: weights, losses and
+    the whole optimizer state (gathered from both ranks into the checkpoint); each rank holds less."""
+    out, owner = ddp_run
+    every = torchrun(data_dir, tmp_path, "train.owner_compute=false", "train.checkpoint_interval=2")
+    assert (owner["parallel"], owner["owner_compute"]) == ("ddp", True)
+    assert (every["parallel"], every["owner_compute"]) == ("ddp", False)
+    assert train_losses(out) == train_losses(tmp_path) and owner["final_val_loss"] == every["final_val_loss"]
+    a, b = checkpoint_of(out), checkpoint_of(tmp_path)
+    assert equal(a["model"], b["model"]) and equal(a["optimizer"], b["optimizer"]) and len(a["rng"]) == 2
+    assert owner["diagnostics"] == every["diagnostics"] == {"skipped_steps": 0, "root_failures": 0}
+    mine, all_ = owner["optimizer_state_bytes_per_rank"], every["optimizer_state_bytes_per_rank"]
+    assert owner["optimizer_state_bytes"] == mine[0] and owner["optimizer_state_bytes_total"] == sum(mine)
+    assert len(mine) == 2 and all(m < e for m, e in zip(mine, all_)) and all_[0] == all_[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_checkpoint_resumes_in_two_processes_exactly(data_dir, ddp_run, tmp_path):
+    out, _ = ddp_run
+    resumed = torchrun(data_dir, tmp_path, f"train.resume={out / 'checkpoint_000002.pt'}")
+    assert resumed["steps"] == 4 and resumed["owner_compute"] and "data order" not in resumed["log"]
+    assert train_losses(tmp_path) == train_losses(out)[2:]
+    assert equal(checkpoint_of(tmp_path)["model"], checkpoint_of(out)["model"])
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_in_one_process(data_dir, ddp_run, tmp_path, caplog):
+    """Weights, optimizer state (all of it, from both owners) and schedule load; rank 0 keeps its
+    data stream; a warning says the data order differs."""
+    out, _ = ddp_run
+    with caplog.at_level("WARNING", logger="asgo.harness.train"):
+        result = train(config(data_dir, *DDP, f"train.resume={out / 'checkpoint_000002.pt'}"), tmp_path)
+    assert "2-process run in 1 processes" in caplog.text and "data order" in caplog.text
+    assert result["steps"] == 4 and len(train_losses(tmp_path)) == 2 and math.isfinite(result["final_val_loss"])
+    assert (result["parallel"], result["owner_compute"], result["world_size"]) == (None, False, 1)
+    assert result["optimizer_state_bytes_total"] == result["optimizer_state_bytes"]
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_in_two_processes(data_dir, tmp_path):
+    train(config(data_dir, *DDP, "train.checkpoint_interval=2", "train.keep_checkpoints=true"), tmp_path / "one")
+    resumed = torchrun(data_dir, tmp_path / "two", f"train.resume={tmp_path / 'one' / 'checkpoint_000002.pt'}")
+    assert "1-process run in 2 processes" in resumed["log"] and resumed["owner_compute"]
+    assert resumed["steps"] == 4 and len(train_losses(tmp_path / "two")) == 2
+    assert len(checkpoint_of(tmp_path / "two")["rng"]) == 2

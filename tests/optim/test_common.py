@@ -284,13 +284,19 @@ def test_matrix_optimizers_refuse_vectors_and_embeddings(row):
 
 @over(ROWS)
 def test_parameters_without_gradient_are_skipped(row):
+    """A parameter without a gradient neither moves nor changes its state (created, at zero,
+    with the optimizer: a fresh optimizer has its state, as torch.distributed.checkpoint needs)."""
     params, grads = params_and_grads(row)
     opt = row(params)
     idle = params[2]  # same shape as params[1], which steps
     before = [p.detach().clone() for p in params]
+    fresh = copy.deepcopy(opt.state_dict()["state"])
+    assert fresh.keys() == set(range(len(params)))
+    assert all(int(s["step"]) == 0 for s in fresh.values())
     for gs in grads[:3]:
         step(opt, params, [None if p is idle else g for p, g in zip(params, gs)])
-    assert len(opt.state.get(idle, {})) == 0
+    for key, value in opt.state_dict()["state"][2].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(fresh[2][key])), key
     assert torch.equal(idle, before[2])
     assert all(not torch.equal(p, b) for p, b in zip(params, before) if p is not idle)
 

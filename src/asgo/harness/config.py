@@ -15,6 +15,8 @@ from asgo.routing import OPTIMIZERS, RoutedOptimizer
 
 CONFIG_DIR = Path(__file__).parent / "conf"
 ROUTING_KEYS = ("headwise", "routes")  # the keyword arguments of asgo.build_optimizer a config may set
+NOT_CONFIG = ("params", "process_group")  # constructor arguments the harness sets, never a config
+PARALLEL = ("ddp", "fsdp2")  # train.parallel
 EXPECTED = {bool: "a bool", int: "an integer (int)", float: "a number (float)", str: "a string (str)"}
 
 
@@ -24,7 +26,7 @@ class ConfigError(ValueError):
 
 def _accepted(cls: Any) -> dict[str, inspect.Parameter]:
     """Config key -> constructor parameter of ``cls``, the learning rate as ``learning_rate``."""
-    params = {k: p for k, p in inspect.signature(cls).parameters.items() if k != "params"}
+    params = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in NOT_CONFIG}
     return {"learning_rate" if k == "lr" else k: p for k, p in params.items()}
 
 
@@ -89,13 +91,40 @@ def optimizer_settings(cfg: DictConfig, train_steps: int) -> tuple[str, dict, di
     return name, params, adamw
 
 
-def optimizer_from_config(model: torch.nn.Module, cfg: DictConfig, train_steps: int) -> RoutedOptimizer:
+def parallel_settings(cfg: DictConfig) -> tuple[str, bool]:
+    """``(train.parallel, train.owner_compute)`` of the ``train`` config, checked: a ConfigError
+    naming the key otherwise. Both only matter under torchrun (more than one process)."""
+    parallel = cfg.get("parallel", "ddp")
+    if parallel not in PARALLEL:
+        raise ConfigError(f"train.parallel: unknown value {parallel!r}; valid: {', '.join(PARALLEL)}")
+    if parallel == "fsdp2":
+        raise ConfigError("train.parallel=fsdp2 is not supported yet (the optimizers cannot step "
+                          "fully_shard parameters yet); use train.parallel=ddp")
+    owner_compute = cfg.get("owner_compute", True)
+    if not isinstance(owner_compute, bool):
+        raise ConfigError(f"train.owner_compute: expected a bool (true or false), got {owner_compute!r}")
+    return parallel, owner_compute
+
+
+def supports_owner_compute(cfg: DictConfig) -> bool:
+    """Whether every structured algorithm of the optimizer config (``optimizer.name`` and the
+    targets of ``optimizer.routes``) takes a ``process_group``: not plain AdamW (torch's, which
+    only ever updates the replicated embeddings, head, norms and biases) nor Adafactor."""
+    name, params, _ = optimizer_settings(cfg, train_steps=1)
+    algorithms = ({name} | set((params.get("routes") or {}).values())) - {"adamw"}
+    return bool(algorithms) and all(getattr(OPTIMIZERS.get(a), "DISTRIBUTED", False) for a in algorithms)
+
+
+def optimizer_from_config(model: torch.nn.Module, cfg: DictConfig, train_steps: int,
+                          process_group: torch.distributed.ProcessGroup | None = None) -> RoutedOptimizer:
     """``asgo.build_optimizer`` with every key of the optimizer config passed on (see
     :func:`optimizer_settings`); a key or value the optimizer does not take is a ConfigError
-    naming it as ``optimizer.<key>``, never silently dropped."""
+    naming it as ``optimizer.<key>``, never silently dropped. ``process_group`` (set by the
+    harness, never by a config: ``optimizer.process_group`` is an unknown key) turns on
+    owner-compute for the matrices (see :func:`supports_owner_compute`)."""
     name, params, adamw = optimizer_settings(cfg, train_steps)
     try:
-        return asgo.build_optimizer(model, name, adamw=adamw, **params)
+        return asgo.build_optimizer(model, name, adamw=adamw, process_group=process_group, **params)
     except (ValueError, TypeError) as e:
         message = str(e)
         match = re.match(r"invalid (\w+):", message)

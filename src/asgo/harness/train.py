@@ -1,6 +1,7 @@
 """The training loop: one function, read top to bottom.
 
-    data -> model -> optimizer (asgo.build_optimizer) -> schedule -> [resume] -> loop:
+    data -> model -> optimizer (asgo.build_optimizer; under torchrun owner-compute) -> schedule
+    -> [resume] -> loop:
         every eval_interval: validation loss and perplexity
         grad_accumulation micro-batches -> clip -> step -> schedule
         every log_interval: train loss, lr, tokens/s; every checkpoint_interval: checkpoint
@@ -25,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from asgo.harness import distributed
 from asgo.harness.checkpoint import load_checkpoint, save_checkpoint
-from asgo.harness.config import check_optimizer_config, optimizer_from_config
+from asgo.harness.config import (check_optimizer_config, optimizer_from_config, parallel_settings,
+                                 supports_owner_compute)
 from asgo.harness.data import load_data
 from asgo.harness.metrics import MetricsLogger, plot_losses
 from asgo.harness.models import build_model, load_gpt2_pretrained
@@ -81,8 +83,16 @@ class StopRequest:
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the final metrics."""
     t = cfg.train
-    check_optimizer_config(cfg.optimizer, t.train_steps)  # a config error before any work
+    parallel, owner_compute = parallel_settings(t)  # config errors before any work
+    check_optimizer_config(cfg.optimizer, t.train_steps)
     dist_info, device = distributed.setup(t.device)
+    # owner-compute (DDP): each matrix's state and update on one rank, the updates exchanged in step()
+    owner_compute = owner_compute and dist_info.enabled
+    if owner_compute and not supports_owner_compute(cfg.optimizer):
+        owner_compute = False
+        if dist_info.is_main:
+            log.info("owner-compute off: optimizer %s (or a route of optimizer.routes) cannot take a "
+                     "process_group; every rank computes every update", cfg.optimizer.name)
     out_dir = Path(out_dir)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     use_bf16 = device.type == "cuda" if t.autocast == "auto" else bool(t.autocast)
@@ -102,7 +112,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.init_from:
             model.load_state_dict(load_checkpoint(t.init_from)["model"])
     model.to(device)
-    optimizer = optimizer_from_config(model, cfg.optimizer, t.train_steps)
+    optimizer = optimizer_from_config(model, cfg.optimizer, t.train_steps,
+                                      process_group=torch.distributed.group.WORLD if owner_compute else None)
     warmup = max(1, int(t.warmup_fraction * t.train_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, total_steps=t.train_steps, warmup_steps=warmup,
@@ -121,23 +132,39 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        rng = ckpt["rng"][dist_info.rank]
-        generator.set_state(rng["data"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
         step = int(ckpt["step"])
+        saved_world_size = len(ckpt["rng"])  # one entry per rank of the run that saved it
+        if saved_world_size != dist_info.world_size and dist_info.is_main:
+            log.warning("resuming a checkpoint of a %d-process run in %d processes: weights, optimizer and "
+                        "schedule continue exactly, but the data order (and the global batch, "
+                        "train.batch_size per process) differs from the saving run; ranks below %d continue "
+                        "their data/RNG streams, the others start fresh ones", saved_world_size,
+                        dist_info.world_size, min(saved_world_size, dist_info.world_size))
+        if dist_info.rank < saved_world_size:
+            rng = ckpt["rng"][dist_info.rank]
+            generator.set_state(rng["data"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], device)
+        else:  # a rank the saving run did not have: fresh streams, distinct from every rank's and step's
+            fresh = data.sampler_seed(t.seed + step, dist_info.rank)
+            generator.manual_seed(fresh)
+            torch.manual_seed(fresh)
 
     def checkpoint(path: Path) -> None:
+        """Every rank calls it (collectives); rank 0 writes."""
         rng = {"data": generator.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rng_per_rank = [rng]
         if dist_info.enabled:
             rng_per_rank = [None] * dist_info.world_size
             torch.distributed.all_gather_object(rng_per_rank, rng)
+        # under owner-compute a collective gathering every rank's matrix state: the whole
+        # optimizer's, which loads at any world size
+        optimizer_state = optimizer.state_dict()
         if dist_info.is_main:
             save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_per_rank,
                 "config": OmegaConf.to_yaml(cfg)})
 
@@ -232,9 +259,16 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
     val_loss = eval_and_log()
     checkpoint(out_dir / "checkpoint.pt")
+    state_bytes = [_state_bytes(optimizer)]  # what each rank holds (owner-compute: its matrices' state)
+    if dist_info.enabled:
+        state_bytes = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(state_bytes, _state_bytes(optimizer))
     result = {"final_val_loss": val_loss, "steps": step, "out_dir": str(out_dir),
-              "world_size": dist_info.world_size, "diagnostics": optimizer.diagnostics(),
-              "train_seconds": train_seconds(), "optimizer_state_bytes": _state_bytes(optimizer),
+              "world_size": dist_info.world_size, "parallel": parallel if dist_info.enabled else None,
+              "owner_compute": owner_compute,
+              "diagnostics": optimizer.diagnostics(),  # a collective under owner-compute: every rank
+              "train_seconds": train_seconds(), "optimizer_state_bytes": state_bytes[0],
+              "optimizer_state_bytes_per_rank": state_bytes, "optimizer_state_bytes_total": sum(state_bytes),
               "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     if dist_info.enabled:
         result["max_param_diff_across_ranks"] = _max_param_diff_across_ranks(model)
@@ -250,6 +284,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer state this process holds (local: never a collective)."""
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v))
 

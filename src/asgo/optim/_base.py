@@ -22,16 +22,27 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from collections.abc import Callable, Generator
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from asgo.linalg import compute_dtype
 from asgo.optim._config import HyperParameters
-from asgo.optim._distributed import Expected, all_gather_states, all_gather_updates, lpt_owners, matrix_cost
+from asgo.optim._distributed import (
+    Expected,
+    Sharded,
+    all_gather_states,
+    all_gather_updates,
+    gather_sharded_gradients,
+    lpt_owners,
+    matrix_cost,
+    scatter_sharded_updates,
+)
+from asgo.optim._layout import Layout
 
 ROUTING_HINT = "route it to AdamW with asgo.build_optimizer(model, ...) or a separate optimizer"
 
@@ -84,10 +95,11 @@ class Root:
 class Slot:
     """One parameter's share of a bucket."""
 
-    param: Tensor
+    param: Tensor       # the parameter (a stand-in of its full shape for a DTensor)
+    grad: Tensor        # its full gradient
     index: int          # the parameter's index in ``state_dict`` numbering
     state: dict
-    layout: Any         # a Layout
+    layout: Layout
     finite: Tensor      # 0-dim bool: the gradient is finite
 
 
@@ -216,14 +228,24 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self._owners: dict[Tensor, int] = {}
         self._loads: list[float] | None = None
-        super().__init__(params, asdict(self.Config(*args, **hyperparameters)))
+        config = self.Config(*args, **hyperparameters)
+        super().__init__(params, {f.name: getattr(config, f.name) for f in fields(config)})
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if process_group is None:
+            process_group = next((p.device_mesh.get_group() for p in all_params
+                                  if isinstance(p, DTensor)), None)
+            self.process_group = process_group
         if process_group is not None:
             if not self.DISTRIBUTED:
                 raise ValueError(f"{type(self).__name__} is single-process: its step schedule lives "
-                                 f"in the per-parameter state; pass process_group=None")
+                                 f"in the per-parameter state; pass process_group=None and "
+                                 f"parameters that are not DTensors")
             if not dist.is_initialized():
                 raise ValueError("process_group is given but torch.distributed is not initialised")
-            self._assign_owners([p for g in self.param_groups for p in g["params"]])
+            self._assign_owners(all_params)
+        for group in self.param_groups:
+            self._create_state(group)
+        self._constructed = True
 
     # --- construction ------------------------------------------------------------------------
 
@@ -238,8 +260,28 @@ class MatrixOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
-        if getattr(self, "_loads", None) is not None:  # after construction, under a process group
-            self._assign_owners(group["params"])
+        if getattr(self, "_constructed", False):  # __init__ does this for its own groups
+            if self.process_group is not None:
+                self._assign_owners(group["params"])
+            self._create_state(group)
+
+    def _create_state(self, group: dict) -> None:
+        """State for the group's parameters this rank owns, at construction: a fresh optimizer
+        already has its state, so ``torch.distributed.checkpoint`` needs no initialising step."""
+        for p in group["params"]:
+            if self.owns(p):
+                self._state_of(p, group)
+
+    def _state_of(self, p: Tensor, group: dict) -> dict:
+        """``p``'s state, its missing entries created (on this rank's device, full size)."""
+        state = self.state[p]
+        like = _full_like(p)
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.int64)
+            for name in self.COUNTERS:
+                state[name] = torch.zeros((), dtype=torch.int64, device=like.device)
+        self.init_state(state, like, group)
+        return state
 
     def __getstate__(self) -> dict:
         # torch keeps only defaults, state and param_groups; a process group cannot be pickled
@@ -250,7 +292,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self.process_group, self._owners, self._loads = None, {}, None
+        self.process_group, self._owners, self._loads, self._constructed = None, {}, None, True
 
     def _assign_owners(self, params: list[Tensor]) -> None:
         """Owners of ``params`` by longest-processing-time packing on their matrix cost."""
@@ -270,6 +312,12 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def check_param(self, p: Tensor, index: int, group: dict) -> None:
         """Refuse what this optimizer cannot update, naming the parameter by index and shape."""
         name = type(self).__name__
+        if isinstance(p, DTensor) and (p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),)):
+            raise ValueError(f"{name} takes DTensor parameters sharded on their rows over one mesh "
+                             f"dimension (FSDP2's fully_shard); parameter {index} of shape "
+                             f"{tuple(p.shape)} has placements {tuple(p.placements)}")
+        if p.numel() == 0:
+            raise ValueError(f"{name}: parameter {index} of shape {tuple(p.shape)} is empty")
         if torch.is_complex(p):
             raise ValueError(f"{name} does not support complex parameters; parameter {index} of "
                              f"shape {tuple(p.shape)} is complex ({p.dtype})")
@@ -304,9 +352,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
+        grads = self._gradients()
         updates, first_index = {}, 0
         for group in self.param_groups:
-            buckets = self._collect(group, first_index)
+            buckets = self._collect(group, first_index, grads)
             updates.update(self._commit(group, buckets, self._compute(group, buckets)))
             first_index += len(group["params"])
         if self.process_group is not None:
@@ -315,49 +364,72 @@ class MatrixOptimizer(torch.optim.Optimizer):
             apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"], ok)
         return loss
 
-    def _stepping(self, updates: dict[int, tuple]):
-        """``(group, parameter, direction, flag, lr scale)`` of every parameter that steps."""
+    def _indexed(self):
+        """``(index, group, parameter)`` of every parameter, in ``state_dict`` numbering."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
-                if index in updates:
-                    d, ok, lr_scale = updates[index]
-                    yield group, p, d.view(p.shape), ok, lr_scale
+                yield index, group, p
                 index += 1
+
+    def _sharded(self) -> list[Sharded]:
+        return [Sharded(i, self._owners[p], p.shape, self.state_dtype(p))
+                for i, _, p in self._indexed() if isinstance(p, DTensor) and p.grad is not None]
+
+    def _gradients(self) -> dict[int, Tensor]:
+        """The full gradient of every parameter this rank computes; a row-sharded (DTensor)
+        parameter's owner gathers its shards from every rank."""
+        grads = {}
+        for i, _, p in self._indexed():
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   f"parameter {i} of shape {tuple(p.shape)} has one")
+            if p.grad is not None and self.owns(p) and not isinstance(p, DTensor):
+                grads[i] = p.grad
+        sharded = self._sharded()
+        if sharded:
+            local = {i: p.grad.to_local() for i, _, p in self._indexed()
+                     if isinstance(p, DTensor) and p.grad is not None}
+            grads.update(gather_sharded_gradients(local, sharded, _local_device(self), self.process_group))
+        return grads
+
+    def _stepping(self, updates: dict[int, tuple]):
+        """``(group, tensor, direction, flag, lr scale)`` of every parameter that steps here (a
+        DTensor's local shard)."""
+        for index, group, p in self._indexed():
+            if index in updates:
+                d, ok, lr_scale = updates[index]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                yield group, local, d.view(local.shape), ok, lr_scale
 
     def _exchange(self, updates: dict[int, tuple]) -> dict[int, tuple]:
-        """Owner-compute: every owner's directions and flags to every rank."""
-        expected, index = [], 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    expected.append(Expected(index, self._owners[p], p.numel(),
-                                             self.state_dtype(p), p.device))
-                index += 1
+        """Owner-compute: every owner's directions and flags to every rank (a replicated
+        parameter's whole, a sharded one's local rows)."""
+        replicated = [Expected(i, self._owners[p], p.numel(), self.state_dtype(p), p.device)
+                      for i, _, p in self._indexed() if p.grad is not None and not isinstance(p, DTensor)]
         mine = {i: (d, ok) for i, (d, ok, _) in updates.items()}
-        return {i: (d, ok, 1.0) for i, (d, ok) in
-                all_gather_updates(mine, expected, self.process_group).items()}
+        out = {}
+        if replicated:
+            out.update(all_gather_updates(mine, replicated, self.process_group))
+        sharded = self._sharded()
+        if sharded:
+            out.update(scatter_sharded_updates(mine, sharded, _local_device(self), self.process_group))
+        return {i: (d, ok, 1.0) for i, (d, ok) in out.items()}
 
-    def _collect(self, group: dict, first_index: int) -> list[Bucket]:
+    def _collect(self, group: dict, first_index: int, grads: dict[int, Tensor]) -> list[Bucket]:
         buckets: dict[tuple, Bucket] = {}
         for index, p in enumerate(group["params"], start=first_index):
-            if p.grad is None or not self.owns(p):
+            if index not in grads:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
-                                   f"parameter {index} of shape {tuple(p.shape)} has one")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.int64)
-                for name in self.COUNTERS:
-                    state[name] = torch.zeros((), dtype=torch.int64, device=p.device)
-            self.init_state(state, p, group)
+            grad, like = grads[index], _full_like(p)
+            state = self._state_of(p, group)
             state["step"] += 1
             step = int(state["step"])  # a CPU tensor: no device sync
-            finite = all_finite(p.grad)
-            for layout in self.layouts(p, group):
-                key = (p.device, p.dtype, tuple(layout.shape), step)
-                buckets.setdefault(key, Bucket(step)).slots.append(Slot(p, index, state, layout, finite))
+            finite = all_finite(grad)
+            for layout in self.layouts(like, group):
+                key = (like.device, like.dtype, tuple(layout.shape), step)
+                slot = Slot(like, grad, index, state, layout, finite)
+                buckets.setdefault(key, Bucket(step)).slots.append(slot)
         return list(buckets.values())
 
     def _state_view(self, slot: Slot, key: str) -> Tensor:
@@ -382,7 +454,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _run(self, group: dict, bucket: Bucket) -> Generator[Root, Tensor, tuple]:
         dtype = self.state_dtype(bucket.slots[0].param)
-        G = _cat([s.layout.blocks(s.param.grad) for s in bucket.slots]).to(dtype)
+        G = _cat([s.layout.blocks(s.grad) for s in bucket.slots]).to(dtype)
         finite = _cat([s.finite.expand(s.layout.count) for s in bucket.slots])
         G = torch.where(_per_block(finite, G), G, 0).contiguous()
         S = self._stacked_state(bucket)
@@ -508,6 +580,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
         self.drop_unowned_state()
+        for group in self.param_groups:
+            self._create_state(group)
 
     def drop_unowned_state(self) -> None:
         """Under a process group, forget the state of the matrices another rank owns."""
@@ -526,6 +600,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
             totals = totals.to(self.param_groups[0]["params"][0].device)
             dist.all_reduce(totals, group=self.process_group)
         return dict(zip(self.COUNTERS, totals.tolist()))
+
+
+def _full_like(p: Tensor) -> Tensor:
+    """``p``, or for a DTensor a stand-in of its full shape and dtype on this rank's device (no
+    memory: an expanded scalar)."""
+    if not isinstance(p, DTensor):
+        return p
+    return torch.empty((), dtype=p.dtype, device=p.to_local().device).expand(p.shape)
+
+
+def _local_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    p = optimizer.param_groups[0]["params"][0]
+    return p.to_local().device if isinstance(p, DTensor) else p.device
 
 
 def _lr(lr: float | Tensor) -> float | Tensor:

@@ -8,6 +8,7 @@ raising a ``ValueError`` that names the argument, the value and what was expecte
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,7 +33,11 @@ class Check:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real number: Python's, numpy's, or a 1-element floating or integer tensor."""
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool \
+            and (value.device.type == "meta" or math.isfinite(value.item()))
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,10 @@ class Real(Check):
     def ok(self, value: Any) -> bool:
         if not _is_real(value):
             return False
+        if torch.is_tensor(value):
+            if value.device.type == "meta":
+                return True
+            value = value.item()  # construction time: a sync is fine here
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
@@ -66,7 +75,7 @@ class Integer(Check):
         return f"an integer >= {self.low}"
 
     def ok(self, value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= self.low
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= self.low
 
 
 @dataclass(frozen=True)

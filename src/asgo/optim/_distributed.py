@@ -93,3 +93,87 @@ def all_gather_states(owned: dict[int, dict], group: dist.ProcessGroup | None) -
     for part in gathered:
         merged.update(part)
     return merged
+
+
+# --- DTensor parameters sharded on their rows (FSDP2's Shard(0)) -------------------------------
+
+
+def shard_rows(rows: int, world_size: int) -> list[int]:
+    """Rows of each rank's ``Shard(0)`` piece: ``torch.chunk``'s split, empty pieces last."""
+    chunk = -(-rows // world_size)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A row-sharded parameter that steps this call, as every rank sees it."""
+
+    index: int
+    owner: int
+    shape: torch.Size
+    dtype: torch.dtype  # of the exchanged values: the optimizer's state dtype
+
+    def pieces(self, world_size: int) -> list[int]:
+        """Number of entries of each rank's shard."""
+        row = self.shape[1:].numel()
+        return [n * row for n in shard_rows(self.shape[0], world_size)]
+
+
+def _all_to_all(send: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype,
+                device: torch.device, group) -> list[Tensor]:
+    """``send[r]``: the pieces for rank ``r``; returns what each rank sent here, flat."""
+    send_flat = [torch.cat([t.reshape(-1).to(dtype) for t in pieces]) if pieces else
+                 torch.empty(0, dtype=dtype, device=device) for pieces in send]
+    send_sizes = [t.numel() for t in send_flat]
+    received = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(received, torch.cat(send_flat), recv_sizes, send_sizes, group=group)
+    return list(received.split(recv_sizes))
+
+
+def gather_sharded_gradients(local_grads: dict[int, Tensor], items: list[Sharded],
+                             device: torch.device, group) -> dict[int, Tensor]:
+    """Every owner's full gradients from every rank's row shards: one ``all_to_all`` per dtype.
+    ``local_grads``: this rank's shard of each item's gradient."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    full = {}
+    for dtype in {e.dtype for e in items}:
+        kind = [e for e in items if e.dtype == dtype]
+        mine = [e for e in kind if e.owner == rank]
+        send = [[local_grads[e.index] for e in kind if e.owner == r] for r in range(world_size)]
+        recv_sizes = [sum(e.pieces(world_size)[r] for e in mine) for r in range(world_size)]
+        received = _all_to_all(send, recv_sizes, dtype, device, group)
+        offsets = [0] * world_size
+        for e in mine:
+            parts = []
+            for r, n in enumerate(e.pieces(world_size)):
+                parts.append(received[r][offsets[r]:offsets[r] + n])
+                offsets[r] += n
+            full[e.index] = torch.cat(parts).view(e.shape)
+    return full
+
+
+def scatter_sharded_updates(mine: dict[int, tuple[Tensor, Tensor]], items: list[Sharded],
+                            device: torch.device, group) -> dict[int, tuple[Tensor, Tensor]]:
+    """Every rank's row shard of each owner's direction, with the 0/1 flag: one ``all_to_all``
+    per dtype. ``mine``: this rank's owned ``{index: (full direction, flag)}``."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    out = {}
+    for dtype in {e.dtype for e in items}:
+        kind = [e for e in items if e.dtype == dtype]
+        send = [[] for _ in range(world_size)]
+        for e in kind:
+            if e.owner == rank:
+                d, flag = mine[e.index]
+                rows = d.reshape(e.shape[0], -1).split(shard_rows(e.shape[0], world_size))
+                for r in range(world_size):
+                    send[r] += [rows[r], flag.reshape(1)]
+        recv_sizes = [0] * world_size
+        for e in kind:
+            recv_sizes[e.owner] += e.pieces(world_size)[rank] + 1
+        received = _all_to_all(send, recv_sizes, dtype, device, group)
+        offsets = [0] * world_size
+        for e in kind:
+            n, o = e.pieces(world_size)[rank], e.owner
+            out[e.index] = (received[o][offsets[o]:offsets[o] + n], received[o][offsets[o] + n])
+            offsets[o] += n + 1
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -41,7 +43,7 @@ class Single:
 
     @classmethod
     def matrix(cls, p: Tensor, transpose: bool = False) -> Single:
-        rows, cols = p.shape[0], p[0].numel()
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
         return cls(p.shape, (cols, rows) if transpose else (rows, cols), transpose)
 
     def blocks(self, t: Tensor) -> Tensor:
@@ -72,7 +74,7 @@ class MatrixView:
 
     @classmethod
     def of(cls, p: Tensor, num_blocks: int = 1, *, transpose_square: bool = True) -> MatrixView:
-        rows, cols = p.shape[0], p[0].numel()
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
         if rows % num_blocks:
             raise ValueError(f"num_heads={num_blocks} does not divide the {rows} rows of a "
                              f"parameter of shape {tuple(p.shape)}")

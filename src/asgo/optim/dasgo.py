@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +58,7 @@ class DASGO(MatrixOptimizer):
         if "momentum" not in state:
             dtype = self.state_dtype(p)
             state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            state["column_second_moment"] = torch.zeros(p[0].numel(), dtype=dtype, device=p.device)
+            state["column_second_moment"] = torch.zeros(math.prod(p.shape[1:]), dtype=dtype, device=p.device)
 
     def compute(self, group: dict, G: Tensor, S: dict[str, Tensor], bucket: Bucket) -> Update:
         M = S["momentum"].lerp(G, 1 - group["momentum"])

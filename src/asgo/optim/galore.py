@@ -194,7 +194,7 @@ class GaLore(MatrixOptimizer):
         return steps_taken >= golore_switch_step(group["golore_fraction"], group["total_steps"])
 
     def layouts(self, p: Tensor, group: dict) -> list[Single]:
-        return [Single.matrix(p, self.projects_right(group, p.shape[0], p[0].numel()))]
+        return [Single.matrix(p, self.projects_right(group, p.shape[0], math.prod(p.shape[1:])))]
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         k, l = self.layouts(p, group)[0].shape

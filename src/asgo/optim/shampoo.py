@@ -3,6 +3,8 @@ preconditioning with inverse fourth roots, grafted to the Adam update norm."""
 
 from __future__ import annotations
 
+import math
+
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -194,7 +196,7 @@ class Shampoo(MatrixOptimizer):
 
     @staticmethod
     def _plan(p: Tensor, group: dict) -> tuple[BlockClass, ...]:
-        return block_plan(p.shape[0], p[0].numel(), group["max_preconditioner_dim"])
+        return block_plan(p.shape[0], math.prod(p.shape[1:]), group["max_preconditioner_dim"])
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         dtype, device = self.state_dtype(p), p.device
