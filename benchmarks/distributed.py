@@ -8,19 +8,19 @@ communicated per step, at world sizes N = 1, 2, 4, with gloo on CPU.
 
 The script starts itself under ``torchrun --standalone --nproc_per_node=N`` for each N (gloo,
 ``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)`` in every process); started by torchrun it
-is the worker. Every rank builds the same matrices (the hidden matrices of the harness model,
-shapes and routing from ``benchmarks/step_time.py``'s ``hidden_matrices``, so ASGO gets its
-head-wise Q/K groups) and the same fixed random gradients, and steps the optimizer of each row
-(its harness config plus the row's overrides, as in ``step_time.py``) with
-``process_group=dist.group.WORLD``.
+is the worker (started by hand under torchrun, rank 0 prints that N's table). Every rank builds
+the same matrices (the hidden matrices of the harness model, shapes and routing from
+``benchmarks/step_time.py``'s ``hidden_matrices``, so ASGO gets its head-wise Q/K groups) and the
+same fixed random gradients, and steps the optimizer of each row (its harness config plus the
+row's overrides, as in ``step_time.py``) with ``process_group=dist.group.WORLD``.
 
 Per step, after a barrier, each rank measures:
 
 - ``step``: the wall time of ``opt.step()``;
-- ``gather``: the wall time of ``asgo.optim._distributed.all_gather_updates`` (wrapped where
+- ``collective``: the wall time of ``asgo.optim._distributed.all_gather_updates`` (wrapped where
   ``asgo.optim._base`` calls it): packing, the ``all_gather_into_tensor``, unpacking, and the wait
   for the slowest rank;
-- ``compute`` = step - gather: this rank's collect / compute / commit on the matrices it owns,
+- ``compute`` = step - collective: this rank's collect / compute / commit on the matrices it owns,
   plus the elementwise apply on every parameter (not divided by N). As wall time, and as the main
   thread's CPU time (``time.thread_time``), which does not count time the process waits for a
   core: with N processes on fewer than N cores, the wall time of a rank includes its turns off
@@ -172,8 +172,11 @@ def worker(args) -> None:
         if rank == 0:
             print(f"  N={world} {row}: step {mine['step_s_mean'] * 1e3:.1f} ms on rank 0 "
                   f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if rank == 0:
+    if rank == 0 and args.worker_out:
         Path(args.worker_out).write_text(json.dumps(results))
+    elif rank == 0:  # started by hand under torchrun: this N only, no ratios to N = 1 unless N = 1
+        param_bytes = sum(torch.Size(s).numel() for s, _ in matrices) * 4
+        print(format_table(summarise(results, param_bytes)), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -250,7 +253,7 @@ def format_table(rows: list[dict]) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     lines = ["| optimizer | N | compute CPU ms (max rank) | x N=1 | compute wall ms (max rank) | x N=1 "
-             "| LPT max/total | step ms | gather ms | load max/mean | MiB / step (sent + recv) "
+             "| LPT max/total | step ms | collective ms | load max/mean | MiB / step (sent + recv) "
              "| x param bytes | targets |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--only {args.only!r} names no row; rows: {', '.join(ROWS)}")
     if args.smoke:
         args.warmup, args.repeats = 1, 1
-    if args.worker_out is not None:  # started by torchrun (launch passes --worker-out)
+    if args.worker_out is not None or "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
         worker(args)
         return []
 

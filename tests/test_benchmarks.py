@@ -84,3 +84,25 @@ def test_train_step_smoke(tmp_path, capsys, one_thread):
     for r in results:
         assert 0 < r["opt_median_s"] <= r["median_s"] and r["tokens_per_s"] > 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_distributed_smoke(tmp_path, capsys):
+    bench = load("distributed")  # launches itself under torchrun: N = 1 and 2 gloo CPU processes
+    out = tmp_path / "d.json"
+    rows = bench.main(["--smoke", "--only", "asgo tau=1", "--json", str(out)])
+    assert [(r["optimizer"], r["world_size"]) for r in rows] == [("asgo tau=1", 1), ("asgo tau=1", 2)]
+    one, two = rows
+    assert one["compute_cpu_x_n1"] == 1.0 and one["load_max_over_mean"] == 1.0 and one["targets"] == {}
+    assert sorted(two["targets"]) == ["comm", "load"]  # the compute target is for N = 4
+    assert two["owned_per_rank"] in ([2, 3], [3, 2]) and sum(two["loads"]) == sum(one["loads"])
+    assert two["lpt_predicted_ratio"] == max(two["loads"]) / sum(two["loads"])
+    # the collective's buffers: every direction and a flag per parameter, float32
+    numel = sum(math.prod(s) for s, _ in bench.SMOKE_MATRICES)
+    assert one["param_bytes"] == 4 * numel
+    assert one["sent_bytes"] == one["received_bytes"] == 4 * (numel + len(bench.SMOKE_MATRICES))
+    assert two["received_bytes"] == 2 * two["sent_bytes"] >= one["sent_bytes"]
+    for r in rows:
+        assert r["compute_cpu_s"] > 0 and r["step_s"] >= r["gather_s"] > 0
+        assert math.isclose(r["comm_over_params"], (r["sent_bytes"] + r["received_bytes"]) / r["param_bytes"])
+    assert "| asgo tau=1 | 2 |" in capsys.readouterr().out
+    assert [r["world_size"] for r in json.loads(out.read_text())["results"]] == [1, 2]

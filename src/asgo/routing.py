@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from asgo.optim import ASGO, DASGO, Adafactor, GaLore, GoLore, Muon, Shampoo
-from asgo.optim._base import evaluate_closure, is_embedding, restore_state_dtypes
+from asgo.optim._base import MatrixOptimizer, evaluate_closure, is_embedding, restore_state_dtypes
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "asgo": ASGO,
@@ -69,6 +69,9 @@ class RoutedOptimizer(torch.optim.Optimizer):
         self.optimizers = dict(optimizers)
         self.routes = routes
         super().__init__([g for opt in self.optimizers.values() for g in opt.param_groups], {})
+        for opt in self.optimizers.values():
+            _create_state(opt)
+            self.state.update(opt.state)
         self._link()
 
     def _link(self) -> None:
@@ -138,6 +141,33 @@ class RoutedOptimizer(torch.optim.Optimizer):
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+@torch.no_grad()
+def _create_state(opt: torch.optim.Optimizer) -> None:
+    """Give a fresh torch optimizer (AdamW) its state now, as the matrix optimizers have theirs
+    from construction: one step with zero gradients at lr 0 (the parameters do not move), then its
+    step counts back to 0, which is exactly the state its first real step would create. A fresh
+    optimizer then has every state key, so ``torch.distributed.checkpoint`` needs no
+    initialising step of its own (which would advance every counter)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if isinstance(opt, MatrixOptimizer) or opt.state or any(p.grad is not None for p in params):
+        return
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if torch.is_tensor(g["lr"]) else 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        for p in params:
+            p.grad = None
+    for state in opt.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"].zero_()
 
 
 def _state_bytes(routed: RoutedOptimizer) -> dict[Tensor, int]:

@@ -12,17 +12,34 @@ import torch
 import asgo
 from asgo.optim._distributed import lpt_owners, matrix_cost
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
+HERE = Path(__file__).parent
+
+
+def torchrun(nproc: int, script: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / script), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_owner_compute_equals_one_process_under_torchrun(nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert f"owner-compute equals one process at world size {nproc}" in out.stdout
+    assert f"owner-compute equals one process at world size {nproc}" in torchrun(
+        nproc, "distributed_worker.py")
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fsdp2_parameters_equal_one_process(nproc):
+    assert f"fsdp2 step ok at world size {nproc}" in torchrun(nproc, "fsdp2_worker.py", "step")
+
+
+def test_dcp_checkpoint_saved_at_2_resumes_at_1_2_and_4(tmp_path):
+    torchrun(2, "fsdp2_worker.py", "save", str(tmp_path))
+    for nproc in (1, 2, 4):
+        assert f"fsdp2 load ok at world size {nproc}" in torchrun(nproc, "fsdp2_worker.py", "load",
+                                                                 str(tmp_path))
 
 
 def test_lpt_puts_the_largest_first_on_the_least_loaded_rank():

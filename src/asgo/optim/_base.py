@@ -148,8 +148,10 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
     """Undo ``Optimizer.load_state_dict``'s cast of every state tensor to its parameter's dtype:
     reload each saved tensor with its saved dtype, on the parameter's device."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, saved in state_dict["state"].items():
-        p = params[index]
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    by_id = dict(zip(saved_ids, params))  # as torch maps them: ids, or FQNs from DCP
+    for saved_id, saved in state_dict["state"].items():
+        p = by_id[saved_id]
         for key, value in saved.items():
             if torch.is_tensor(value) and key != "step":
                 optimizer.state[p][key] = value.to(device=p.device, copy=True)
