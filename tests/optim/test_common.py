@@ -14,6 +14,7 @@ import io
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 from problems import fit_with_closure, two_layer_regression
@@ -243,7 +244,34 @@ def test_scheduler_drives_a_tensor_lr(row):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=0)
 
 
+@over(ROWS)
+def test_tensor_lr_is_the_users_tensor(row):
+    """As torch's optimizers: the group holds the very tensor, so changing it in place moves lr."""
+    lr = torch.tensor(0.01)
+    opt = row([torch.nn.Parameter(torch.zeros(4, 4))], lr=lr)
+    assert opt.param_groups[0]["lr"] is lr
+
+
+@pytest.mark.parametrize("cls", sorted(BAD_ARGUMENTS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_numpy_and_tensor_scalars_are_accepted(cls):
+    opt = cls([torch.nn.Parameter(torch.zeros(4, 4))], lr=np.float32(0.01), weight_decay=np.float64(0.0))
+    assert opt.param_groups[0]["lr"] == np.float32(0.01)
+
+
+def test_a_state_dict_without_a_hyperparameter_is_refused():
+    opt = optim.Adafactor([torch.nn.Parameter(torch.zeros(4, 4))])
+    old = opt.state_dict()
+    old["param_groups"][0]["beta1"] = old["param_groups"][0].pop("momentum")  # asgo 0.1's name
+    with pytest.raises(ValueError, match=r"no hyper-parameter \['momentum'\].*another version"):
+        opt.load_state_dict(old)
+
+
 # --- parameters and gradients -------------------------------------------------------------------
+
+@over(ROWS)
+def test_empty_parameters_are_refused(row):
+    with pytest.raises(ValueError, match=r"parameter 1 of shape \(0, 5\) is empty"):
+        row([torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(0, 5))])
 
 @over(ROWS)
 def test_complex_parameters_are_refused(row):

@@ -66,9 +66,13 @@ class Update:
     """What :meth:`MatrixOptimizer.compute` returns for a bucket of ``B`` stacked blocks.
 
     ``direction``: ``(B, *block shape)``; the parameter moves by ``-lr lr_scale direction``.
-    ``state``: the new value of every state entry that changed, stacked as it was read.
-    ``faults``: per-block counts (``(B,)``) added to the fault counter of that name.
-    ``lr_scale``: a schedule factor on ``lr``, for the step and the weight decay alike.
+    ``state``: new values of state entries, stacked as they were read; an entry returned as the
+    very tensor ``compute`` was given (e.g. a root that was not due) counts as unchanged and is
+    neither checked nor written.
+    ``faults``: per-block counts (``(B,)``) added to the fault counter of that name, except for
+    parameters whose step is skipped.
+    ``lr_scale``: a schedule factor on ``lr``, for the step and the weight decay alike (the same
+    for every block of a parameter).
     """
 
     direction: Tensor
@@ -579,6 +583,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for i, s in all_gather_states(owned, self.process_group).items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        missing = sorted({f.name for f in fields(self.Config)}
+                         - {k for g in state_dict["param_groups"] for k in g})
+        if missing:
+            raise ValueError(f"this {type(self).__name__} state_dict has no hyper-parameter "
+                             f"{missing}: it was written by another version of asgo")
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
         self.drop_unowned_state()

@@ -17,7 +17,6 @@ import torch
 from asgo.linalg import INVERSE_SQRT_METHODS
 
 
-
 class Check:
     """A constraint on one hyper-parameter; ``check(name, value)`` raises a ``ValueError`` that
     names the hyper-parameter, the value and what was expected."""

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 
-
 class Layout(Protocol):
     """How (part of) a parameter is seen as ``count`` blocks of one ``shape``.
 
@@ -73,13 +72,13 @@ class MatrixView:
     views: ClassVar[bool] = True
 
     @classmethod
-    def of(cls, p: Tensor, num_blocks: int = 1, *, transpose_square: bool = True) -> MatrixView:
+    def of(cls, p: Tensor, num_blocks: int = 1) -> MatrixView:
         rows, cols = p.shape[0], math.prod(p.shape[1:])
         if rows % num_blocks:
             raise ValueError(f"num_heads={num_blocks} does not divide the {rows} rows of a "
                              f"parameter of shape {tuple(p.shape)}")
         block_rows = rows // num_blocks
-        transpose = block_rows > cols or (transpose_square and block_rows == cols)
+        transpose = block_rows >= cols  # square blocks use the right side, as the authors' code
         return cls(p.shape, num_blocks, transpose)
 
     @property
@@ -92,18 +91,12 @@ class MatrixView:
         cols = self.param_shape.numel() // self.param_shape[0]
         return (cols, rows) if self.transpose else (rows, cols)
 
-    block_shape = shape
-
     def blocks(self, t: Tensor) -> Tensor:
         b = t.reshape(self.num_blocks, self.param_shape[0] // self.num_blocks, -1)
         return b.mT if self.transpose else b
 
-    to_blocks = blocks
-
     def merge(self, blocks: Tensor) -> Tensor:
         return (blocks.mT if self.transpose else blocks).reshape(self.param_shape)
-
-    from_blocks = merge
 
     def write(self, t: Tensor, blocks: Tensor) -> None:
         t.copy_(self.merge(blocks))

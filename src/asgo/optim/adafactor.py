@@ -71,8 +71,10 @@ class Adafactor(MatrixOptimizer):
         eps1 (float): added to every squared gradient entry, > 0. Default 1e-30.
         clip_threshold (float | None): ``d``; None turns clipping off. Default 1.0.
         clip_alpha (float | None): ``alpha > 1`` of the time-varying threshold. Default None.
-        momentum (float | None): ``beta1`` of the first moment, in [0, 1); None: none.
-            Default None.
+        momentum (float | None): ``beta1`` of the first moment, in [0, 1); None: none (a
+            scheduler that cycles momentum, e.g. ``OneCycleLR`` with its default
+            ``cycle_momentum=True``, sets it and so switches the first moment on, as it does for
+            ``torch.optim.SGD``). Default None.
         weight_decay (float): decoupled, multiplied by ``rho_k``. Default 0.0.
         beta2_first (float): ``beta2_1``; the analysis needs 1/2, torch uses 0. Default 0.5.
 

@@ -67,9 +67,10 @@ def random_orthonormal(k: int, r: int, *, seed: int, device=None, dtype=torch.fl
 
 
 def top_singular_vectors(G: Tensor, r: int) -> Tensor:
-    """The top-``r`` left singular vectors of ``G`` (batched over leading dimensions) (``torch.linalg.svd``), each column's sign
-    chosen so that its entry of largest magnitude is positive (scikit-learn's ``svd_flip``): the
-    basis is then a function of ``G`` alone, not of the SVD backend's sign convention."""
+    """The top-``r`` left singular vectors of ``G`` (``torch.linalg.svd``, batched over leading
+    dimensions), each column's sign chosen so that its entry of largest magnitude is positive
+    (scikit-learn's ``svd_flip``): the basis is then a function of ``G`` alone, not of the SVD
+    backend's sign convention."""
     U = torch.linalg.svd(G, full_matrices=False)[0][..., :r]
     peak = U.gather(-2, U.abs().argmax(dim=-2, keepdim=True))
     return U * torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
@@ -208,6 +209,13 @@ class GaLore(MatrixOptimizer):
             state["exp_avg_sq"] = torch.zeros(r, l, **zeros)
         if group["inner"] == "sgd" and group["momentum"] > 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros(r, l, **zeros)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if any("projector" in s and "applied_steps" not in s for s in state_dict["state"].values()):
+            raise ValueError(f"this {type(self).__name__} state_dict was written by asgo 0.1, whose "
+                             f"moments were stored (m, r) on the right side and which counted applied "
+                             f"steps differently; resume it with asgo 0.1")
+        super().load_state_dict(state_dict)
 
     def new_basis(self, group: dict, X: Tensor, r: int, bucket: Bucket) -> Tensor:
         """The ``(B, k, r)`` bases of a refresh: sign-fixed SVD, or seeded random ones."""
