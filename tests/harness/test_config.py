@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import asgo
-from asgo.harness.config import CONFIG_DIR, optimizer_from_config
+from asgo.harness.config import (CONFIG_DIR, ConfigError, optimizer_from_config, parallel_settings,
+                                 supports_owner_compute)
 
 OPTIMIZER_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
 
@@ -140,3 +141,53 @@ def test_seed_readme_overrides_compose():
                          "train.train_steps=300", "optimizer.learning_rate=0.01", "train.dataset_path=/data")
     assert (cfg.train.batch_size, cfg.train.train_steps, cfg.optimizer.learning_rate) == (32, 300, 0.01)
     assert cfg.train.dataset_path == "/data" and OmegaConf.is_missing(cfg, "train") is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.parallel=fsdp2", "train.parallel=fsdp2 is not supported yet"),
+    ("train.parallel=zero", "train.parallel: unknown value 'zero'; valid: ddp, fsdp2"),
+    ("train.parallel=null", "train.parallel: unknown value None"),
+    ("train.owner_compute=maybe", "train.owner_compute: expected a bool (true or false), got 'maybe'"),
+    ("train.owner_compute=1", "train.owner_compute: expected a bool (true or false), got 1"),
+])
+def test_parallel_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        parallel_settings(compose_config(override).train)
+
+
+def test_parallel_defaults():
+    assert parallel_settings(compose_config().train) == ("ddp", True)
+    assert parallel_settings(compose_config("train.owner_compute=false").train) == ("ddp", False)
+
+
+def test_process_group_is_set_by_the_harness_never_by_a_config():
+    cfg = compose_config("optimizer=muon", "+optimizer.process_group=1").optimizer
+    with pytest.raises(ConfigError, match=r"^unknown key optimizer\.process_group; valid keys") as e:
+        optimizer_from_config(Model(), cfg, train_steps=10)
+    assert "process_group" not in str(e.value).split("valid keys")[1]
+
+
+@pytest.mark.parametrize("name, routes, supported", [
+    ("asgo", {}, True), ("dasgo", {}, True), ("muon", {}, True), ("shampoo", {}, True), ("galore", {}, True),
+    ("golore", {}, True), ("adamw", {}, False), ("adafactor", {}, False),
+    ("asgo", {"fc.*": "adafactor"}, False), ("asgo", {"fc.*": "adamw"}, True), ("adamw", {"fc.*": "muon"}, True),
+])
+def test_which_optimizers_take_owner_compute(name, routes, supported):
+    cfg = compose_config(f"optimizer={name}").optimizer
+    with open_dict(cfg):
+        cfg.routes = routes
+    assert supports_owner_compute(cfg) is supported
+
+
+def test_process_group_reaches_the_matrix_optimizer(tmp_path):
+    """A one-process gloo group: the matrix optimizer gets it, torch's AdamW does not."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        opt = optimizer_from_config(Model(), compose_config("optimizer=dasgo").optimizer, train_steps=10,
+                                    process_group=dist.group.WORLD)
+        assert opt.optimizers["dasgo"].process_group is dist.group.WORLD
+        assert not hasattr(opt.optimizers["adamw"], "process_group")
+        assert optimizer_from_config(Model(), compose_config().optimizer, 10).optimizers["asgo"].process_group is None
+    finally:
+        dist.destroy_process_group()

@@ -98,8 +98,8 @@ def parallel_settings(cfg: DictConfig) -> tuple[str, bool]:
     if parallel not in PARALLEL:
         raise ConfigError(f"train.parallel: unknown value {parallel!r}; valid: {', '.join(PARALLEL)}")
     if parallel == "fsdp2":
-        raise ConfigError("train.parallel=fsdp2 is not supported yet (the optimizers cannot step "
-                          "fully_shard parameters yet); use train.parallel=ddp")
+        raise ConfigError("train.parallel=fsdp2 is not supported yet (the harness does not shard the "
+                          "model with fully_shard yet); use train.parallel=ddp")
     owner_compute = cfg.get("owner_compute", True)
     if not isinstance(owner_compute, bool):
         raise ConfigError(f"train.owner_compute: expected a bool (true or false), got {owner_compute!r}")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -122,6 +123,16 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def leave_process_group() -> None:
+        """DDP's reducer holds the process group too; were the last reference dropped there (at
+        garbage collection, the GIL held), gloo's destructor could wait forever on a worker thread
+        that needs the GIL (pytorch/pytorch#56297). Drop DDP first, then leave the group."""
+        nonlocal train_model
+        train_model = None
+        gc.collect()
+        distributed.teardown(dist_info)
+
     generator = torch.Generator().manual_seed(data.sampler_seed(t.seed, dist_info.rank))
     torch.manual_seed(t.seed + dist_info.rank)  # dropout masks differ per rank
 
@@ -251,7 +262,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         except KeyboardInterrupt:
             if logger:
                 logger.close()
-            distributed.teardown(dist_info)
+            leave_process_group()
             raise
         finally:
             if progress:
@@ -279,7 +290,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
             result["plot"] = str(plot_losses(logger.csv_path, out_dir / "loss.png",
                                              title=f"{cfg.model.name} / {cfg.dataset.name} / {cfg.optimizer.name}"))
         (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    distributed.teardown(dist_info)
+    leave_process_group()
     return result
 
 
