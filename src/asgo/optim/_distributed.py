@@ -18,6 +18,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def lpt_owners(costs: Sequence[float], world_size: int,
                loads: list[float] | None = None) -> tuple[list[int], list[float]]:
     """Longest-processing-time packing: the most expensive item first, each to the least loaded
@@ -57,7 +61,7 @@ def all_gather_updates(mine: dict[int, tuple[Tensor, Tensor]], expected: list[Ex
                        group: dist.ProcessGroup | None) -> dict[int, tuple[Tensor, Tensor]]:
     """Every rank's ``{index: (direction, flag)}`` on every rank: per (device, dtype) one flat
     buffer per rank (its parameters in index order, each direction followed by its flag), padded
-    to the longest, in one ``all_gather_into_tensor``."""
+    to the longest, in one ``all_gather_single``."""
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     out: dict[int, tuple[Tensor, Tensor]] = {}
     kinds = defaultdict(list)
@@ -74,7 +78,7 @@ def all_gather_updates(mine: dict[int, tuple[Tensor, Tensor]], expected: list[Ex
         if pieces:
             torch.cat(pieces, out=send[:sizes[rank]])
         received = torch.empty(world_size * width, dtype=dtype, device=device)
-        dist.all_gather_into_tensor(received, send, group=group)
+        _all_gather_single(received, send, group=group)
         offsets = [r * width for r in range(world_size)]
         for e in items:
             start = offsets[e.owner]
