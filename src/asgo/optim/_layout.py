@@ -29,8 +29,22 @@ class Layout(Protocol):
     def merge(self, blocks: Tensor) -> Tensor: ...
 
 
+class _Reshaped:
+    """``merge`` and ``write`` of a layout whose blocks are a reshape of the parameter, each
+    block transposed when ``transpose``."""
+
+    param_shape: torch.Size
+    transpose: bool
+
+    def merge(self, blocks: Tensor) -> Tensor:
+        return (blocks.mT if self.transpose else blocks).reshape(self.param_shape)
+
+    def write(self, t: Tensor, blocks: Tensor) -> None:
+        t.copy_(self.merge(blocks))
+
+
 @dataclass(frozen=True)
-class Single:
+class Single(_Reshaped):
     """The whole parameter as one block of ``shape`` (its ``(rows, rest)`` matrix view, or its
     own shape), transposed when ``transpose``. Per-block state is stored without a block axis."""
 
@@ -49,18 +63,12 @@ class Single:
         b = t.reshape(1, *(self.shape[::-1] if self.transpose else self.shape))
         return b.mT if self.transpose else b
 
-    def merge(self, blocks: Tensor) -> Tensor:
-        return (blocks.mT if self.transpose else blocks).reshape(self.param_shape)
-
-    def write(self, t: Tensor, blocks: Tensor) -> None:
-        t.copy_(self.merge(blocks))
-
     def state(self, key: str, t: Tensor) -> Tensor:
         return t.unsqueeze(0)
 
 
 @dataclass(frozen=True)
-class MatrixView:
+class MatrixView(_Reshaped):
     """A parameter of shape ``(out, *rest)`` as ``(out, prod(rest))`` (conv weights included),
     split into ``num_blocks`` row blocks (attention heads), each transposed when its row side is
     not the smaller one, so the preconditioned side comes first. Per-block state is stored with
@@ -94,12 +102,6 @@ class MatrixView:
     def blocks(self, t: Tensor) -> Tensor:
         b = t.reshape(self.num_blocks, self.param_shape[0] // self.num_blocks, -1)
         return b.mT if self.transpose else b
-
-    def merge(self, blocks: Tensor) -> Tensor:
-        return (blocks.mT if self.transpose else blocks).reshape(self.param_shape)
-
-    def write(self, t: Tensor, blocks: Tensor) -> None:
-        t.copy_(self.merge(blocks))
 
     def state(self, key: str, t: Tensor) -> Tensor:
         return t
