@@ -179,6 +179,9 @@ def worker(args) -> None:
         print(format_table(summarise(results, param_bytes)), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo's threads can abort a normal interpreter exit on a loaded machine
 
 
 # --- the launcher ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ another).
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -173,6 +174,9 @@ def main():
     if dist.get_rank() == 0:
         print(f"fsdp2 {command} ok at world size {dist.get_world_size()}")
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo's threads can abort a normal interpreter exit on a loaded machine
 
 
 if __name__ == "__main__":
