@@ -1,22 +1,25 @@
 """The step every matrix optimizer shares, in three phases, and the pieces it is built from.
 
-``MatrixOptimizer.step`` does, for each param group:
+``MatrixOptimizer.step`` does:
 
-1. **collect** — skip parameters without a gradient, refuse sparse ones, create state, flag
-   non-finite gradients, and put every parameter's matrix blocks (its :class:`Layout`) into
-   buckets keyed by (device, dtype, block shape, step);
+1. **collect** — per param group, skip parameters without a gradient (or, under a process group,
+   owned by another rank), refuse sparse ones, flag non-finite gradients, and put every
+   parameter's matrix blocks (its :class:`Layout`) into buckets keyed by (device, dtype, block
+   shape, step);
 2. **compute** — per bucket, the optimizer's :meth:`~MatrixOptimizer.compute`: a function of the
    stacked gradients, the stacked state and the group's hyper-parameters that returns the
    direction and the new state (an :class:`Update`). Inverse roots it asks for (``yield``
-   :class:`Root`) are batched across all buckets of the group by matrix size;
-3. **apply** — per parameter: where its gradient, new state and direction are all finite, write
-   the new state and ``p <- p (1 - lr wd) - lr d``; elsewhere leave the parameter and its state
-   untouched and count the step in ``skipped_steps``.
+   :class:`Root`) are batched across all buckets of the group by matrix size. Then, where a
+   parameter's gradient, new state and direction are all finite, its new state is written;
+   elsewhere its state is left untouched, its direction zeroed and the step counted in
+   ``skipped_steps``;
+3. **apply** — under a process group the owners' directions first reach every rank
+   (:mod:`asgo.optim._distributed`); then every parameter ``p <- p (1 - lr wd a) - lr a d``, with
+   ``a`` 0 for a skipped step.
 
-Compute never writes its inputs, so it can run on any subset of buckets and its results be
-applied elsewhere.
+Compute never writes its inputs, so it runs on any subset of buckets and its results are applied
+elsewhere: that is how each rank computes only the matrices it owns.
 """
-
 from __future__ import annotations
 
 import inspect
@@ -203,8 +206,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     direction, and one ``all_gather`` per (device, dtype) and step brings every direction to every
     rank, which applies the same update: the parameters equal a single process's bit for bit
     (``tests/optim/distributed_worker.py``). Every rank must see the same gradients (``None``
-    included). ``state_dict()`` gathers the whole state (a collective) and ``load_state_dict``
-    keeps the owned part, so checkpoints load at any world size.
+    included). Row-sharded DTensor parameters (FSDP2's ``fully_shard``) are detected and use
+    their mesh's group: the owner gathers the full gradient (``all_to_all``) and sends each rank
+    its rows of the direction; equal to a single process within 1e-6
+    (``tests/optim/fsdp2_worker.py``). State is created at construction, on the owner only;
+    ``state_dict()`` gathers the whole state (a collective) and ``load_state_dict`` keeps the
+    owned part, so checkpoints (also through ``torch.distributed.checkpoint``) load at any world
+    size.
 
     ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
     which would round float32 moments of bf16 parameters and turn integer counters into floats;
