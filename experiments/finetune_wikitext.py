@@ -1,11 +1,12 @@
 """Experiment 5: the ASGO paper's WikiText-2 fine-tuning (its Table 4: GPT2-Large, CLM and FIM
 perplexity), scaled down to what runs offline on 2 CPU cores.
 
-    python experiments/finetune_wikitext.py [--data ../shared/data] [--out runs/experiments/finetune]
+    python experiments/finetune_wikitext.py [--data DIR] [--out runs/experiments/finetune]
                                             [--steps 100] [--seeds 0,1] [--pretrain-steps 400] [--smoke]
 
-1. Pretraining data: Shakespeare (``<data>/shakespeare_char/input.txt``), first 90% / last 10%,
-   written as a WikiText-shaped directory ``<out>/pretrain_data/wikitext2/{test,valid}.txt``.
+1. Pretraining data: Shakespeare (``<data>/shakespeare_char/input.txt``, else the package's embedded
+   tiny-shakespeare), first 90% / last 10%, written as a WikiText-shaped directory
+   ``<out>/pretrain_data/wikitext2/{test,valid}.txt``.
 2. Pretraining: ``asgo-train`` with AdamW, the 'tiny' GPT, the offline UTF-8 byte tokenizer
    (``dataset.tokenizer=byte``: 256 bytes + end-of-text; GPT-2 BPE needs tiktoken's download,
    which this machine cannot make), objective ``fim`` at ``fim_rate=0``, i.e. plain next-token
@@ -61,7 +62,13 @@ def run(cmd: list[str]) -> None:
 
 
 def write_pretrain_data(data: Path, out: Path) -> Path:
-    text = (data / "shakespeare_char" / "input.txt").read_text(encoding="utf-8")
+    source = data / "shakespeare_char" / "input.txt"
+    if source.is_file():
+        text = source.read_text(encoding="utf-8")
+    else:
+        from asgo.harness.data.shakespeare import embedded_shakespeare
+
+        text = embedded_shakespeare().decode("utf-8")
     cut = int(0.9 * len(text))
     target = out / "pretrain_data" / "wikitext2"
     target.mkdir(parents=True, exist_ok=True)
@@ -105,7 +112,7 @@ def evaluate_pretrained(ckpt: Path, data: Path, fim_rate: float, args) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("ASGO_DATA_DIR", "~/.cache/asgo/data")).expanduser(),
-                        help="directory holding shakespeare_char/input.txt and wikitext2/{test,valid}.txt")
+                        help="directory holding wikitext2/{test,valid}.txt (and optionally shakespeare_char/input.txt)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments/finetune"))
     parser.add_argument("--pretrain-steps", type=int, default=400)
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps per run")

@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 import asgo
-from asgo.harness.config import (CONFIG_DIR, ConfigError, optimizer_from_config, parallel_settings,
-                                 supports_owner_compute)
+from asgo.harness.config import (CONFIG_DIR, ConfigError, check_fsdp2_optimizer, optimizer_from_config,
+                                 parallel_settings, supports_owner_compute)
 
 OPTIMIZER_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "optimizer").glob("*.yaml"))
 
@@ -144,7 +144,7 @@ def test_seed_readme_overrides_compose():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.parallel=fsdp2", "train.parallel=fsdp2 is not supported yet"),
+    ("train.parallel=fsdp2 train.owner_compute=false", "train.owner_compute=false applies to train.parallel=ddp only"),
     ("train.parallel=zero", "train.parallel: unknown value 'zero'; valid: ddp, fsdp2"),
     ("train.parallel=null", "train.parallel: unknown value None"),
     ("train.owner_compute=maybe", "train.owner_compute: expected a bool (true or false), got 'maybe'"),
@@ -152,12 +152,29 @@ def test_seed_readme_overrides_compose():
 ])
 def test_parallel_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
-        parallel_settings(compose_config(override).train)
+        parallel_settings(compose_config(*override.split()).train)
 
 
 def test_parallel_defaults():
     assert parallel_settings(compose_config().train) == ("ddp", True)
     assert parallel_settings(compose_config("train.owner_compute=false").train) == ("ddp", False)
+    assert parallel_settings(compose_config("train.parallel=fsdp2").train) == ("fsdp2", True)
+
+
+@pytest.mark.parametrize("name, routes, supported", [
+    ("asgo", {}, True), ("muon", {}, True), ("galore", {}, True), ("adamw", {}, True), ("adafactor", {}, False),
+    ("asgo", {"fc.*": "adafactor"}, False), ("adamw", {"fc.*": "muon"}, True),
+])
+def test_which_optimizers_step_fsdp2_shards(name, routes, supported):
+    """AdamW steps DTensors natively, the structured optimizers with owner-compute; not Adafactor."""
+    cfg = compose_config(f"optimizer={name}").optimizer
+    with open_dict(cfg):
+        cfg.routes = routes
+    if supported:
+        check_fsdp2_optimizer(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"^train\.parallel=fsdp2: optimizer adafactor is single-process"):
+            check_fsdp2_optimizer(cfg)
 
 
 def test_process_group_is_set_by_the_harness_never_by_a_config():

@@ -1,7 +1,8 @@
 """Data pipeline: Shakespeare-char, token files and batches, HF text (OpenWebText/C4 path), FIM, WikiText-2.
 
-No network: downloads are served from local files through monkeypatching; the offline copies in
-``<repo>/../shared/data`` are copied into ``tmp_path`` (never prepared in place).
+No network: downloads are served from local files through monkeypatching. Tiny-shakespeare comes
+from the package (its embedded copy), the WikiText-2 sample from ``tests/data/wikitext2``; both are
+copied into ``tmp_path`` (never prepared in place).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import os
 import shutil
 import stat
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,10 +31,7 @@ from asgo.harness.data.wikitext import split_documents
 TINY_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``<repo root>/../shared/data``: the offline copies (tests and CI have them)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+WIKITEXT = Path(__file__).resolve().parents[1] / "data" / "wikitext2"  # the small sample (tests/data/README.md)
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +41,11 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def shakespeare_dir(tmp_path, shared_data) -> Path:
+def shakespeare_dir(tmp_path) -> Path:
+    """A data directory holding tiny-shakespeare's input.txt, written from the package's embedded copy."""
     data_dir = tmp_path / "data"
     (data_dir / "shakespeare_char").mkdir(parents=True)
-    shutil.copyfile(shared_data / "shakespeare_char" / "input.txt", data_dir / "shakespeare_char" / "input.txt")
+    (data_dir / "shakespeare_char" / "input.txt").write_bytes(shakespeare.embedded_shakespeare())
     return data_dir
 
 
@@ -108,46 +106,49 @@ def test_shakespeare_is_cached(shakespeare_dir):
     assert json.loads((out / "meta.json").read_text())["vocab_size"] == len(set(TINY_TEXT))
 
 
-class _Response:
-    def __init__(self, payload: bytes):
-        self.payload = payload
-
-    def read(self):
-        return self.payload
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # tiny-shakespeare's input.txt
 
 
-def test_shakespeare_download_is_served_locally(tmp_path, monkeypatch):
-    requested = []
-
-    def fake_urlopen(url, timeout=None):
-        requested.append(url)
-        return _Response(TINY_TEXT.encode())
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    out = prepare_shakespeare_char(tmp_path / "data")
-    assert requested == [shakespeare.URL]
-    assert shakespeare.URL == "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-    assert (out / "input.txt").read_text() == TINY_TEXT
-    n_train = int(len(TINY_TEXT) * 0.9)
-    assert json.loads((out / "meta.json").read_text())["splits"] == {"train": n_train, "val": len(TINY_TEXT) - n_train}
+def test_embedded_copy_is_tiny_shakespeare():
+    raw = shakespeare.embedded_shakespeare()
+    assert len(raw) == 1_115_394 and hashlib.sha256(raw).hexdigest() == SHA256 == shakespeare.SHA256
+    assert raw.startswith(b"First Citizen:\nBefore we proceed any further, hear me speak.")
 
 
-def test_shakespeare_download_failure_says_how_to_fix(tmp_path, monkeypatch):
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("no network")
+def test_shakespeare_without_local_copy_uses_the_embedded_one_offline(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to use the network")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(DatasetError) as info:
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    data = load_data({"name": "shakespeare_char"}, tmp_path / "data")  # an empty data directory
+    out = tmp_path / "data" / "shakespeare_char"
+    assert data.train.path.parent == out
+    assert hashlib.sha256((out / "input.txt").read_bytes()).hexdigest() == SHA256
+    assert (len(data.train), len(data.val), data.vocab_size) == (1_003_854, 111_540, 65)
+    assert json.loads((out / "meta.json").read_text())["source_sha256"] == SHA256
+
+
+def test_read_only_data_dir_without_input_gets_the_embedded_copy_in_the_cache(tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "shakespeare_char").mkdir(parents=True)
+    data_dir.chmod(0o555)
+    (data_dir / "shakespeare_char").chmod(0o555)
+    try:
+        data = load_data({"name": "shakespeare_char"}, data_dir)
+        assert list((data_dir / "shakespeare_char").iterdir()) == []
+        assert data.train.path.is_relative_to(tmp_path / "default-cache")
+        assert hashlib.sha256((data.train.path.parent / "input.txt").read_bytes()).hexdigest() == SHA256
+        assert len(data.val) == 111_540
+    finally:
+        (data_dir / "shakespeare_char").chmod(stat.S_IRWXU)
+        data_dir.chmod(stat.S_IRWXU)
+
+
+def test_damaged_embedded_copy_is_a_dataset_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(shakespeare, "SHA256", "0" * 64)
+    with pytest.raises(DatasetError, match="SHA-256.*reinstall"):
         prepare_shakespeare_char(tmp_path / "data")
-    message = str(info.value)
-    assert str(tmp_path / "data" / "shakespeare_char" / "input.txt") in message and "by hand" in message
-    assert "python -m asgo.harness.data.prepare shakespeare_char" in message
+    assert not (tmp_path / "data" / "shakespeare_char" / "input.txt").exists()
 
 
 def test_empty_input_is_a_dataset_error(tmp_path):
@@ -390,23 +391,26 @@ def test_fim_middle_loss_masks_targets_before_mid(ramp):
 
 
 @pytest.fixture
-def wikitext_dir(tmp_path, shared_data) -> Path:
+def wikitext_dir(tmp_path) -> Path:
+    """The sample's valid.txt and test.txt only, like an offline copy without the training split."""
     data_dir = tmp_path / "data"
-    shutil.copytree(shared_data / "wikitext2", data_dir / "wikitext2")
+    (data_dir / "wikitext2").mkdir(parents=True)
+    for name in ("valid.txt", "test.txt"):
+        shutil.copyfile(WIKITEXT / name, data_dir / "wikitext2" / name)
     for p in [data_dir / "wikitext2", *(data_dir / "wikitext2").iterdir()]:
         p.chmod(stat.S_IRWXU)
     return data_dir
 
 
-def test_wikitext_documents_are_the_articles(shared_data):
-    for name, articles in (("valid.txt", 60), ("test.txt", 62)):
-        text = (shared_data / "wikitext2" / name).read_text(encoding="utf-8")
+def test_wikitext_documents_are_the_articles():
+    for name, articles in (("train.txt", 3), ("valid.txt", 2), ("test.txt", 2)):
+        text = (WIKITEXT / name).read_text(encoding="utf-8")
         docs = split_documents(text)
         assert len(docs) == articles and "".join(docs) == text
         assert all(d.lstrip(" \n").startswith("= ") for d in docs)
 
 
-def test_wikitext_prepare_from_offline_copy(wikitext_dir, shared_data, monkeypatch):
+def test_wikitext_prepare_from_offline_copy(wikitext_dir, monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
@@ -418,10 +422,10 @@ def test_wikitext_prepare_from_offline_copy(wikitext_dir, shared_data, monkeypat
 
     out = prepare_wikitext2(wikitext_dir, tokenizer="byte", train_split="test")
     meta = json.loads((out / "meta.json").read_text())
-    sizes = {s: len((shared_data / "wikitext2" / f).read_text(encoding="utf-8").encode())
+    sizes = {s: len((WIKITEXT / f).read_text(encoding="utf-8").encode())
              for s, f in (("val", "valid.txt"), ("test", "test.txt"))}
-    assert meta["documents"] == {"train": 62, "val": 60, "test": 62}
-    assert meta["splits"] == {"train": sizes["test"] + 62, "val": sizes["val"] + 60, "test": sizes["test"] + 62}
+    assert meta["documents"] == {"train": 2, "val": 2, "test": 2}
+    assert meta["splits"] == {"train": sizes["test"] + 2, "val": sizes["val"] + 2, "test": sizes["test"] + 2}
     assert meta["train_split"] == "test" and meta["fim_sentinels"] == {"prefix": 257, "suffix": 258, "middle": 259}
     stamp = (out / "train.bin").stat().st_mtime_ns
     assert prepare_wikitext2(wikitext_dir, tokenizer="byte", train_split="test") == out
@@ -436,6 +440,21 @@ def test_wikitext_prepare_from_offline_copy(wikitext_dir, shared_data, monkeypat
     assert (x[:, 0] == 257).all() and int(x.max()) == 259
     xv, _ = clm.val.get_batch(4, 64, torch.Generator().manual_seed(0))
     assert int(xv.max()) < 257 and clm.test is not None
+
+
+def test_wikitext_prepare_with_a_training_split(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    shutil.copytree(WIKITEXT, tmp_path / "data" / "wikitext2")
+    data = load_wikitext2(tmp_path / "data", "clm", tokenizer="byte")  # train.txt present: no train_split needed
+    sizes = {s: len((WIKITEXT / f).read_text(encoding="utf-8").encode()) for s, f in
+             (("train", "train.txt"), ("val", "valid.txt"), ("test", "test.txt"))}
+    assert data.meta["documents"] == {"train": 3, "val": 2, "test": 2} and data.meta["train_split"] == "train"
+    assert data.meta["splits"] == {"train": sizes["train"] + 3, "val": sizes["val"] + 2, "test": sizes["test"] + 2}
 
 
 def test_wikitext_download_path(tmp_path, monkeypatch):

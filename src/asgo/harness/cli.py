@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float:
         raise SystemExit(130) from None
     if is_main:
         print(f"final val loss: {result['final_val_loss']:.4f}")
-        written = {"metrics": result["metrics"], "plot": result.get("plot"), "checkpoint": f"{out_dir}/checkpoint.pt"}
+        written = {"metrics": result["metrics"], "plot": result.get("plot"), "checkpoint": result["checkpoint"]}
         print("written: " + ", ".join(f"{k} {v}" for k, v in written.items() if v))
     return result["final_val_loss"]
 

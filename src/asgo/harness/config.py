@@ -93,26 +93,43 @@ def optimizer_settings(cfg: DictConfig, train_steps: int) -> tuple[str, dict, di
 
 def parallel_settings(cfg: DictConfig) -> tuple[str, bool]:
     """``(train.parallel, train.owner_compute)`` of the ``train`` config, checked: a ConfigError
-    naming the key otherwise. Both only matter under torchrun (more than one process)."""
+    naming the key otherwise. Both only matter under torchrun (more than one process), but for
+    the checkpoint format: ``fsdp2`` writes ``checkpoint_dcp/`` in one process too."""
     parallel = cfg.get("parallel", "ddp")
     if parallel not in PARALLEL:
         raise ConfigError(f"train.parallel: unknown value {parallel!r}; valid: {', '.join(PARALLEL)}")
-    if parallel == "fsdp2":
-        raise ConfigError("train.parallel=fsdp2 is not supported yet (the harness does not shard the "
-                          "model with fully_shard yet); use train.parallel=ddp")
     owner_compute = cfg.get("owner_compute", True)
     if not isinstance(owner_compute, bool):
         raise ConfigError(f"train.owner_compute: expected a bool (true or false), got {owner_compute!r}")
+    if parallel == "fsdp2" and not owner_compute:
+        raise ConfigError("train.owner_compute=false applies to train.parallel=ddp only: with sharded "
+                          "parameters (fsdp2) each matrix's owner always computes its update")
     return parallel, owner_compute
+
+
+def _structured_algorithms(cfg: DictConfig) -> set[str]:
+    """The algorithms of ``optimizer.name`` and the targets of ``optimizer.routes``, but AdamW."""
+    name, params, _ = optimizer_settings(cfg, train_steps=1)
+    return ({name} | set((params.get("routes") or {}).values())) - {"adamw"}
 
 
 def supports_owner_compute(cfg: DictConfig) -> bool:
     """Whether every structured algorithm of the optimizer config (``optimizer.name`` and the
     targets of ``optimizer.routes``) takes a ``process_group``: not plain AdamW (torch's, which
     only ever updates the replicated embeddings, head, norms and biases) nor Adafactor."""
-    name, params, _ = optimizer_settings(cfg, train_steps=1)
-    algorithms = ({name} | set((params.get("routes") or {}).values())) - {"adamw"}
+    algorithms = _structured_algorithms(cfg)
     return bool(algorithms) and all(getattr(OPTIMIZERS.get(a), "DISTRIBUTED", False) for a in algorithms)
+
+
+def check_fsdp2_optimizer(cfg: DictConfig) -> None:
+    """``train.parallel=fsdp2`` needs an optimizer that steps row-sharded DTensors: AdamW (torch's,
+    natively) and every algorithm that takes a process group, not Adafactor (also as a target of
+    ``optimizer.routes``): a ConfigError before any work otherwise."""
+    single = sorted(a for a in _structured_algorithms(cfg) if not getattr(OPTIMIZERS.get(a), "DISTRIBUTED", False))
+    if single:
+        raise ConfigError(f"train.parallel=fsdp2: optimizer {', '.join(single)} is single-process (its step "
+                          f"schedule lives in the per-parameter state) and cannot step sharded parameters; "
+                          f"use train.parallel=ddp, or another optimizer")
 
 
 def optimizer_from_config(model: torch.nn.Module, cfg: DictConfig, train_steps: int,

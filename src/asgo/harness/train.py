@@ -1,12 +1,18 @@
 """The training loop: one function, read top to bottom.
 
-    data -> model -> optimizer (asgo.build_optimizer; under torchrun owner-compute) -> schedule
-    -> [resume] -> loop:
+    data -> model [-> fully_shard under train.parallel=fsdp2]
+    -> optimizer (asgo.build_optimizer; under torchrun owner-compute) -> schedule
+    -> [resume: checkpoint.pt or checkpoint_dcp/] -> loop:
         every eval_interval: validation loss and perplexity
         grad_accumulation micro-batches -> clip -> step -> schedule
         every log_interval: train loss, lr, tokens/s; every checkpoint_interval: checkpoint
         Ctrl-C: checkpoint at the end of the current step, then KeyboardInterrupt
     -> final evaluation, checkpoint, loss plot
+
+Under torchrun, train.parallel=ddp replicates the model (DistributedDataParallel; the matrices'
+optimizer state and updates split by owner-compute) and writes checkpoint.pt from rank 0;
+train.parallel=fsdp2 shards weights, gradients and optimizer state (fully_shard) and every rank
+writes its shards into checkpoint_dcp/ (torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
 
 from asgo.harness import distributed
-from asgo.harness.checkpoint import load_checkpoint, save_checkpoint
-from asgo.harness.config import (check_optimizer_config, optimizer_from_config, parallel_settings,
-                                 supports_owner_compute)
+from asgo.harness.checkpoint import load_checkpoint, load_dcp_checkpoint, save_checkpoint, save_dcp_checkpoint
+from asgo.harness.config import (ConfigError, check_fsdp2_optimizer, check_optimizer_config, optimizer_from_config,
+                                 parallel_settings, supports_owner_compute)
 from asgo.harness.data import load_data
 from asgo.harness.metrics import MetricsLogger, plot_losses
 from asgo.harness.models import build_model, load_gpt2_pretrained
@@ -86,14 +93,23 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     t = cfg.train
     parallel, owner_compute = parallel_settings(t)  # config errors before any work
     check_optimizer_config(cfg.optimizer, t.train_steps)
+    fsdp2 = parallel == "fsdp2"  # checkpoints in checkpoint_dcp/, in one process too
+    if fsdp2:
+        check_fsdp2_optimizer(cfg.optimizer)
+        if t.resume and distributed.launched_world_size() > 1 and not Path(t.resume).is_dir():
+            raise ConfigError(f"train.resume={t.resume}: train.parallel=fsdp2 under torchrun resumes a "
+                              "checkpoint_dcp directory; resume a checkpoint.pt with train.parallel=ddp")
     dist_info, device = distributed.setup(t.device)
-    # owner-compute (DDP): each matrix's state and update on one rank, the updates exchanged in step()
-    owner_compute = owner_compute and dist_info.enabled
-    if owner_compute and not supports_owner_compute(cfg.optimizer):
-        owner_compute = False
-        if dist_info.is_main:
-            log.info("owner-compute off: optimizer %s (or a route of optimizer.routes) cannot take a "
-                     "process_group; every rank computes every update", cfg.optimizer.name)
+    sharded = fsdp2 and dist_info.enabled
+    if sharded:  # FSDP2: each matrix's owner gathers its gradient and computes; AdamW steps its shards
+        owner_compute = supports_owner_compute(cfg.optimizer)
+    else:  # owner-compute (DDP): each matrix's state and update on one rank, the updates exchanged in step()
+        owner_compute = owner_compute and dist_info.enabled
+        if owner_compute and not supports_owner_compute(cfg.optimizer):
+            owner_compute = False
+            if dist_info.is_main:
+                log.info("owner-compute off: optimizer %s (or a route of optimizer.routes) cannot take a "
+                         "process_group; every rank computes every update", cfg.optimizer.name)
     out_dir = Path(out_dir)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     use_bf16 = device.type == "cuda" if t.autocast == "auto" else bool(t.autocast)
@@ -113,14 +129,17 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.init_from:
             model.load_state_dict(load_checkpoint(t.init_from)["model"])
     model.to(device)
-    optimizer = optimizer_from_config(model, cfg.optimizer, t.train_steps,
-                                      process_group=torch.distributed.group.WORLD if owner_compute else None)
+    if sharded:  # row-sharded DTensors: build_optimizer detects them and uses the mesh's group
+        distributed.shard_model(model, device)
+    optimizer = optimizer_from_config(
+        model, cfg.optimizer, t.train_steps,
+        process_group=torch.distributed.group.WORLD if owner_compute and not sharded else None)
     warmup = max(1, int(t.warmup_fraction * t.train_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, total_steps=t.train_steps, warmup_steps=warmup,
                            min_ratio=t.min_lr_ratio))
-    train_model = model
-    if dist_info.enabled:
+    train_model = model  # FSDP2: the sharded model itself
+    if dist_info.enabled and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -139,9 +158,12 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     # resume: weights, optimizer, schedule, data position and RNG
     step = 0
     if t.resume:
-        ckpt = load_checkpoint(t.resume)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if Path(t.resume).is_dir():  # checkpoint_dcp/: any world size, sharded or not
+            ckpt = load_dcp_checkpoint(t.resume, model, optimizer)
+        else:
+            ckpt = load_checkpoint(t.resume)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
         saved_world_size = len(ckpt["rng"])  # one entry per rank of the run that saved it
@@ -162,22 +184,29 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
             generator.manual_seed(fresh)
             torch.manual_seed(fresh)
 
+    def checkpoint_path(at_step: int | None = None) -> Path:
+        """checkpoint.pt (ddp) or checkpoint_dcp (fsdp2); with ``at_step`` the kept copy of that step."""
+        suffix = f"_{at_step:06d}" if at_step is not None else ""
+        return out_dir / (f"checkpoint_dcp{suffix}" if fsdp2 else f"checkpoint{suffix}.pt")
+
     def checkpoint(path: Path) -> None:
-        """Every rank calls it (collectives); rank 0 writes."""
+        """Every rank calls it (collectives); rank 0 writes (fsdp2: every rank its shards)."""
         rng = {"data": generator.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rng_per_rank = [rng]
         if dist_info.enabled:
             rng_per_rank = [None] * dist_info.world_size
             torch.distributed.all_gather_object(rng_per_rank, rng)
+        extra = {"scheduler": scheduler.state_dict(), "step": step, "rng": rng_per_rank,
+                 "config": OmegaConf.to_yaml(cfg)}
+        if fsdp2:
+            save_dcp_checkpoint(path, model, optimizer, extra)
+            return
         # under owner-compute a collective gathering every rank's matrix state: the whole
         # optimizer's, which loads at any world size
         optimizer_state = optimizer.state_dict()
         if dist_info.is_main:
-            save_checkpoint(path, {
-                "model": model.state_dict(), "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_per_rank,
-                "config": OmegaConf.to_yaml(cfg)})
+            save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer_state, **extra})
 
     logger = None
     if dist_info.is_main:
@@ -224,12 +253,11 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                 for micro in range(t.grad_accumulation):
                     x, y = data.train.get_batch(t.batch_size, cfg.model.block_size, generator, device)
                     last = micro == t.grad_accumulation - 1
-                    sync = train_model.no_sync if dist_info.enabled and not last else contextlib.nullcontext
-                    with sync(), autocast():
+                    with distributed.gradient_sync(train_model, last), autocast():
                         _, loss = train_model(x, y)
                     (loss / t.grad_accumulation).backward()
                     loss_sum += loss.detach().float()
-                if t.grad_clip:
+                if t.grad_clip:  # fsdp2: the norm of the full gradient, from every rank's shards
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
@@ -251,13 +279,13 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     progress.set_postfix(postfix, refresh=False)
                     progress.update(1)
                 if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step < t.train_steps:
-                    checkpoint(out_dir / "checkpoint.pt")
+                    checkpoint(checkpoint_path())
                     if t.keep_checkpoints:
-                        checkpoint(out_dir / f"checkpoint_{step:06d}.pt")
+                        checkpoint(checkpoint_path(step))
                 if stop.requested(dist_info, device):
-                    checkpoint(out_dir / "checkpoint.pt")
+                    checkpoint(checkpoint_path())
                     log.warning("interrupted (Ctrl-C) at step %d: checkpoint written; continue with "
-                                "train.resume=%s", step, out_dir / "checkpoint.pt")
+                                "train.resume=%s", step, checkpoint_path())
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if logger:
@@ -269,19 +297,23 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                 progress.close()
 
     val_loss = eval_and_log()
-    checkpoint(out_dir / "checkpoint.pt")
-    state_bytes = [_state_bytes(optimizer)]  # what each rank holds (owner-compute: its matrices' state)
+    checkpoint(checkpoint_path())
+    # what each rank holds: owner-compute its matrices' optimizer state, fsdp2 its shards of everything
+    held = [(_state_bytes(optimizer), _param_bytes(model))]
     if dist_info.enabled:
-        state_bytes = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(state_bytes, _state_bytes(optimizer))
+        held = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(held, (_state_bytes(optimizer), _param_bytes(model)))
+    state_bytes, param_bytes = [s for s, _ in held], [p for _, p in held]
     result = {"final_val_loss": val_loss, "steps": step, "out_dir": str(out_dir),
+              "checkpoint": str(checkpoint_path()),
               "world_size": dist_info.world_size, "parallel": parallel if dist_info.enabled else None,
               "owner_compute": owner_compute,
               "diagnostics": optimizer.diagnostics(),  # a collective under owner-compute: every rank
               "train_seconds": train_seconds(), "optimizer_state_bytes": state_bytes[0],
               "optimizer_state_bytes_per_rank": state_bytes, "optimizer_state_bytes_total": sum(state_bytes),
+              "parameter_bytes_per_rank": param_bytes,
               "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    if dist_info.enabled:
+    if dist_info.enabled and not sharded:  # replicas must agree; fsdp2's shards differ by design
         result["max_param_diff_across_ranks"] = _max_param_diff_across_ranks(model)
     if logger:
         logger.close()
@@ -294,10 +326,20 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     return result
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (fsdp2), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer state this process holds (local: never a collective)."""
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v))
+    return sum(_local(v).numel() * v.element_size() for state in optimizer.state.values()
+               for v in state.values() if torch.is_tensor(v))
+
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights this process holds (fsdp2: its shards; local: never a collective)."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
 
 
 def _max_param_diff_across_ranks(model: torch.nn.Module) -> float:

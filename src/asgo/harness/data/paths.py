@@ -41,8 +41,8 @@ _HOWTO = {
     "shakespeare_char": (
         "python -m asgo.harness.data.prepare shakespeare_char --data-dir {d}",
         "asgo.harness.data.prepare_shakespeare_char('{d}')",
-        "{d}/shakespeare_char/input.txt (downloaded from the tiny-shakespeare URL when absent; offline, "
-        "place the file there by hand) -> train.bin, val.bin (uint16), meta.json",
+        "{d}/shakespeare_char/input.txt (written from the copy embedded in the package when absent) "
+        "-> train.bin, val.bin (uint16), meta.json",
     ),
     "openwebtext": (
         "python -m asgo.harness.data.prepare openwebtext --data-dir {d}",

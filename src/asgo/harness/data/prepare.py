@@ -1,6 +1,6 @@
 """Prepare a dataset once: ``python -m asgo.harness.data.prepare NAME [--data-dir DIR] [options]``.
 
-    python -m asgo.harness.data.prepare shakespeare_char            # downloads input.txt if absent
+    python -m asgo.harness.data.prepare shakespeare_char            # input.txt from the package if absent
     python -m asgo.harness.data.prepare openwebtext --num-proc 8    # ~54 GB download, ~9B tokens
     python -m asgo.harness.data.prepare c4 --c4-train-shards 4
     python -m asgo.harness.data.prepare wikitext2 --train-split test --tokenizer byte   # offline copy

@@ -1,18 +1,24 @@
 """Shakespeare-char: tiny-shakespeare as characters, 90/10 train/val (nanoGPT's shakespeare_char).
 
-``<data_dir>/shakespeare_char/input.txt`` (downloaded from :data:`URL` when absent) is encoded
-character by character (vocabulary: its sorted distinct characters, 65 for tiny-shakespeare) into
-``train.bin`` (first 90% of the characters: 1,003,854 tokens) and ``val.bin`` (last 10%: 111,540),
-plus ``meta.json`` (``vocab_size``, ``itos``). Preparing again does nothing while the outputs are
-newer than ``input.txt``. If the directory is read-only the outputs go to a cache directory
+``<data_dir>/shakespeare_char/input.txt`` is encoded character by character (vocabulary: its
+sorted distinct characters, 65 for tiny-shakespeare) into ``train.bin`` (first 90% of the
+characters: 1,003,854 tokens) and ``val.bin`` (last 10%: 111,540), plus ``meta.json``
+(``vocab_size``, ``itos``). Preparing again does nothing while the outputs are newer than
+``input.txt``. If the directory is read-only the outputs go to a cache directory
 (:func:`asgo.harness.data.paths.output_dir`).
+
+No network: tiny-shakespeare ships with the package (:data:`EMBEDDED`, gzip-compressed package
+data, 1,115,394 bytes once decompressed, checked against :data:`SHA256`). When ``input.txt`` is
+absent it is written there from the embedded copy (next to the outputs if the data directory is
+read-only); an ``input.txt`` that is present is used as it is (any text works).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import os
-import urllib.error
-import urllib.request
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +27,33 @@ from asgo.harness.data.paths import DatasetError, dataset_error, output_dir, res
 from asgo.harness.data.tokens import META_FILE, LMData, TokenDataset, read_meta, write_meta, write_tokens
 
 NAME = "shakespeare_char"
+# where the embedded copy comes from (Karpathy's char-rnn tiny-shakespeare; nothing downloads it)
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+EMBEDDED = "tinyshakespeare.txt.gz"  # package data of asgo.harness.data
+SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of the decompressed text
 TRAIN_FRACTION = 0.9
 _OUTPUTS = ("train.bin", "val.bin", META_FILE)
 
 
-def download_shakespeare(path: str | os.PathLike, url: str = URL, timeout: float = 60.0,
-                         by_hand: str | os.PathLike | None = None) -> Path:
-    """Download tiny-shakespeare to ``path`` (atomically); a :class:`DatasetError` on failure that
-    says to place the file at ``by_hand`` (default ``path``) instead."""
-    path = Path(path)
-    by_hand = Path(by_hand or path)
+def embedded_shakespeare() -> bytes:
+    """The bytes of tiny-shakespeare's ``input.txt``, from the package; a :class:`DatasetError` if
+    the embedded file is missing or its SHA-256 is not :data:`SHA256` (a broken install)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-        if not data:
-            raise OSError("empty response")
-        data.decode("utf-8")
-    except (OSError, urllib.error.URLError, UnicodeDecodeError, ValueError) as e:
-        raise dataset_error(NAME, by_hand.parent.parent, f"{by_hand} is missing and downloading it from {url} "
-                            f"failed ({e}); without network, place the file at {by_hand} by hand") from e
+        data = gzip.decompress(resources.files("asgo.harness.data").joinpath(EMBEDDED).read_bytes())
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"dataset {NAME!r}: the embedded copy asgo/harness/data/{EMBEDDED} cannot be read "
+                           f"({e}); reinstall the package") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SHA256:
+        raise DatasetError(f"dataset {NAME!r}: the embedded copy asgo/harness/data/{EMBEDDED} has SHA-256 "
+                           f"{digest}, expected {SHA256}; reinstall the package")
+    return data
+
+
+def write_embedded_shakespeare(path: str | os.PathLike) -> Path:
+    """Write the embedded tiny-shakespeare (:func:`embedded_shakespeare`) to ``path`` atomically."""
+    path = Path(path)
+    data = embedded_shakespeare()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -64,7 +77,7 @@ def _fresh(directory: Path, source: Path) -> bool:
 def prepare_shakespeare_char(data_dir: str | os.PathLike | None = None) -> Path:
     """Prepare Shakespeare-char under ``data_dir`` (default: :func:`default_data_dir`).
 
-    Reads ``<data_dir>/shakespeare_char/input.txt`` (downloading it from :data:`URL` if absent),
+    Reads ``<data_dir>/shakespeare_char/input.txt`` (written from the embedded copy if absent),
     writes ``train.bin``/``val.bin`` (uint16) and ``meta.json``, and returns the directory that
     holds them: ``<data_dir>/shakespeare_char``, or a cache directory if that one is read-only.
     Does nothing when the outputs exist and are newer than ``input.txt``.
@@ -72,12 +85,13 @@ def prepare_shakespeare_char(data_dir: str | os.PathLike | None = None) -> Path:
     data_dir = resolve_data_dir(data_dir)
     source_dir = data_dir / NAME
     source = source_dir / "input.txt"
-    if not source.is_file():  # download it (next to the outputs if the data directory is read-only)
+    if not source.is_file():  # the embedded copy (next to the outputs if the data directory is read-only)
         cached = output_dir(source_dir) / "input.txt"
-        source = cached if cached.is_file() else download_shakespeare(cached, by_hand=source)
+        source = cached if cached.is_file() else write_embedded_shakespeare(cached)
     if _fresh(source_dir, source):
         return source_dir
-    out = output_dir(source_dir, source)
+    # beside a local input.txt (a cache directory if that is read-only), else beside the embedded copy's
+    out = output_dir(source_dir, source) if source.parent == source_dir else source.parent
     if out != source_dir and _fresh(out, source):
         return out
 
@@ -92,7 +106,8 @@ def prepare_shakespeare_char(data_dir: str | os.PathLike | None = None) -> Path:
     n = {"train": write_tokens(out / "train.bin", [ids[:n_train]]),
          "val": write_tokens(out / "val.bin", [ids[n_train:]])}
     write_meta(out, {"dataset": NAME, "vocab_size": len(chars), "itos": chars, "splits": n,
-                     "tokenizer": "char", "source": str(source.resolve()), "source_bytes": source.stat().st_size})
+                     "tokenizer": "char", "source": str(source.resolve()), "source_bytes": source.stat().st_size,
+                     "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest()})
     return out
 
 
