@@ -1,3 +1,4 @@
+import dataclasses
 import re
 
 import pytest
@@ -208,3 +209,105 @@ def test_process_group_reaches_the_matrix_optimizer(tmp_path):
         assert optimizer_from_config(Model(), compose_config().optimizer, 10).optimizers["asgo"].process_group is None
     finally:
         dist.destroy_process_group()
+
+
+# the typed schema of train.*, model.* and dataset.* (asgo.harness.schema)
+
+MODEL_YAMLS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+DATASET_YAMLS = sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODEL_YAMLS)
+@pytest.mark.parametrize("dataset", DATASET_YAMLS)
+def test_every_shipped_config_combination_validates(model, dataset):
+    from asgo.harness.schema import validate_config
+
+    checked = validate_config(compose_config(f"model={model}", f"dataset={dataset}"))
+    assert set(checked) == {"train", "model", "dataset"}
+    assert checked["model"].name == model and checked["dataset"].name == dataset
+
+
+def test_the_schema_lists_every_shipped_key():
+    """Every key of config.yaml's train:, the models' dataclasses (but vocab_size, the data's) and
+    the loader's dataset options has a schema entry, and no entry is missing from them."""
+    from asgo.harness.data import DATASET_KEYS
+    from asgo.harness.models import MODEL_CONFIGS
+    from asgo.harness.schema import DATASET_SCHEMAS, MODEL_SCHEMAS, TrainConfig, schema_keys
+
+    assert set(compose_config().train) <= set(schema_keys(TrainConfig))
+    for name, base in MODEL_CONFIGS.items():
+        architecture = {f.name for f in dataclasses.fields(base)} - {"vocab_size"}
+        assert set(schema_keys(MODEL_SCHEMAS[type(base)])) == architecture | {"name"}, name
+    assert set(DATASET_SCHEMAS) == set(DATASET_KEYS)
+    for name, options in DATASET_KEYS.items():
+        assert set(schema_keys(DATASET_SCHEMAS[name])) == options | {"name"}, name
+
+
+BAD_VALUES = [
+    ("train.train_steps=0", "train.train_steps: expected an integer >= 1, got 0"),
+    ("train.train_steps=-5", "train.train_steps: expected an integer >= 1, got -5"),
+    ("train.grad_clip=-1", "train.grad_clip: expected a real number in [0.0, inf), got -1"),
+    ("train.batch_size=0", "train.batch_size: expected an integer >= 1, got 0"),
+    ("train.batch_size=abc", "train.batch_size: expected an integer >= 1, got 'abc'"),
+    ("train.eval_batches=0", "train.eval_batches: expected an integer >= 1, got 0"),
+    ("train.grad_accumulation=0", "train.grad_accumulation: expected an integer >= 1, got 0"),
+    ("train.eval_interval=-1", "train.eval_interval: expected an integer >= 0, got -1"),
+    ("train.log_interval=0", "train.log_interval: expected an integer >= 1, got 0"),
+    ("train.warmup_fraction=1.5", "train.warmup_fraction: expected a real number in [0.0, 1.0], got 1.5"),
+    ("train.seed=1.5", "train.seed: expected an integer >= 0, got 1.5"),
+    ("train.progress=yes", "train.progress: expected a bool, got 'yes'"),
+    ("train.autocast=sometimes", "train.autocast: expected 'auto' or a bool, got 'sometimes'"),
+    ("train.device=gpu", "train.device: expected 'auto' or a torch device string"),
+    ("train.wandb_mode=sync", "train.wandb_mode: expected one of ('online', 'offline', 'disabled'), got 'sync'"),
+    ("train.resume=3", "train.resume: expected None or a path (string), got 3"),
+    ("++train.on_nonfinite=ignore", "train.on_nonfinite: expected one of ('stop', 'skip'), got 'ignore'"),
+    ("++train.checkpoint_minutes=-1", "train.checkpoint_minutes: expected a number >= 0 (0 or null: off), got -1"),
+    ("+train.bogus=1", "unknown key train.bogus; valid keys under train: autocast, batch_size"),
+    ("model.n_layer=0", "model.n_layer: expected None or an integer >= 1, got 0"),
+    ("model.block_size=abc", "model.block_size: expected None or an integer >= 1, got 'abc'"),
+    ("model.dropout=1.0", "model.dropout: expected None or a real number in [0.0, 1.0), got 1.0"),
+    ("model.n_head=3", "model.n_head: expected a divisor of model.n_embd=128, got 3"),
+    ("model.name=gpt5", "model.name: expected one of"),
+    ("+model.vocab_size=65", "unknown key model.vocab_size; valid keys under model:"),
+    ("+model.rope_theta=1e4", "unknown key model.rope_theta; valid keys under model:"),  # a LLaMA key on a GPT
+    ("dataset.name=imagenet", "dataset.name: expected one of"),
+    ("+dataset.objective=fim", "unknown key dataset.objective; valid keys under dataset: name"),
+    ("dataset=wikitext2 dataset.fim_rate=2", "dataset.fim_rate: expected None or a real number in [0.0, 1.0], got 2"),
+    ("dataset=wikitext2 dataset.objective=mlm", "dataset.objective: expected None or one of ('clm', 'fim'), got 'mlm'"),
+    ("model=llama-60m model.n_head=512", "model.n_head: expected model.n_embd / model.n_head even"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    from asgo.harness.schema import validate_config
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as e:
+        validate_config(compose_config(*override.split()))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [v for v in BAD_VALUES if v[0].lstrip("+").startswith("train.")])
+def test_train_reports_bad_values_before_reading_data(tmp_path, override, message):
+    """train() with a dataset that does not exist still reports the config error (not the
+    missing data) and writes nothing."""
+    from asgo.harness.train import train
+
+    cfg = compose_config("dataset=openwebtext", f"train.dataset_path={tmp_path / 'none'}", "train.progress=false",
+                         "train.tensorboard=false", *override.split())
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "none").exists()
+
+
+def test_wikitext2_options_and_nulls_validate():
+    from asgo.harness.schema import validate_config
+
+    cfg = compose_config("dataset=wikitext2", "dataset.objective=fim", "dataset.fim_rate=0", "+dataset.spm_rate=1",
+                         "+dataset.fim_loss=middle", "+dataset.tokenizer=byte", "dataset.train_split=test",
+                         "model=llama-60m", "model.dropout=null", "+model.rope_theta=500000.0", "train.autocast=false",
+                         "train.device=cuda:1", "train.grad_clip=0", "train.eval_interval=0",
+                         "++train.checkpoint_minutes=null", "++train.on_nonfinite=skip")
+    checked = validate_config(cfg)
+    assert checked["dataset"].fim_loss == "middle" and checked["model"].rope_theta == 500000.0
+    assert checked["train"].autocast is False and checked["train"].checkpoint_minutes is None

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -408,3 +409,196 @@ def test_fsdp2_torchrun_refuses_a_checkpoint_pt(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^train\.resume=.*checkpoint\.pt: train\.parallel=fsdp2 under torchrun"):
         train(config(tmp_path, "dataset=openwebtext", FSDP2, f"train.resume={tmp_path / 'checkpoint.pt'}"),
               tmp_path / "run")
+
+
+# divergence guard, strict JSON and preemption (issue 11)
+def strict_json_lines(path):
+    """Parse JSON (lines) refusing NaN/Infinity, as a strict (RFC 8259) parser does."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name} in {path}")
+
+    text = Path(path).read_text()
+    if Path(path).suffix == ".jsonl":
+        return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+    return json.loads(text, parse_constant=refuse)
+
+
+def all_finite(ckpt):
+    return all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_cli_diverging_run_exits_3_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    """optimizer.learning_rate=1e6: the run stops at the first non-finite loss or gradient norm with
+    exit status 3 and a message naming the step and the last good checkpoint, which stays finite."""
+    cmd = [str(ASGO_TRAIN), *BASE, "model.n_layer=1", "train.batch_size=4", "train.train_steps=20",
+           "train.checkpoint_interval=1", "train.eval_batches=2", "train.plot=false", "optimizer.learning_rate=1e6",
+           f"train.dataset_path={data_dir}", f"hydra.run.dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
+    assert out.returncode == 3, out.stderr[-3000:]
+    match = re.search(r"^error: (loss|gradient norm) became (nan|inf|-inf) at step (\d+); "
+                      r"the last good checkpoint is (\S+)$", out.stderr, re.MULTILINE)
+    assert match and "Traceback" not in out.stderr, out.stderr[-3000:]
+    step, path = int(match[3]), Path(match[4])
+    assert path == tmp_path / "run" / "checkpoint.pt" and step >= 2
+    good = torch.load(path, weights_only=True)
+    assert good["step"] == step - 1 and all_finite(good)
+    assert "final val loss" not in out.stdout and not (tmp_path / "run" / "summary.json").exists()
+    rows = strict_json_lines(tmp_path / "run" / "metrics.jsonl")
+    assert max(r["step"] for r in rows) == step - 1
+
+
+def nan_loss_at_step(monkeypatch, bad_step):
+    """The model's training loss becomes nan at optimizer step ``bad_step`` (grad_accumulation 1)."""
+    import asgo.harness.train as train_module
+
+    build = train_module.build_model
+
+    def build_with_nan(*args, **kwargs):
+        model = build(*args, **kwargs)
+        calls = [0]
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls[0] += 1
+                if calls[0] == bad_step:
+                    return output[0], output[1] * float("nan")
+            return None
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_with_nan)
+
+
+SHORT = ["model.n_layer=1", "train.batch_size=4", "train.train_steps=6", "train.eval_interval=0",
+         "train.eval_batches=2", "train.plot=false"]
+
+
+def test_nonfinite_loss_stops_by_default_without_checkpointing_it(data_dir, tmp_path, monkeypatch):
+    from asgo.harness.train import Diverged
+
+    nan_loss_at_step(monkeypatch, 3)
+    with pytest.raises(Diverged, match=rf"^loss became nan at step 3; the last good checkpoint is "
+                                       rf"{re.escape(str(tmp_path / 'checkpoint.pt'))}$") as info:
+        train(config(data_dir, *SHORT, "train.checkpoint_interval=2"), tmp_path)
+    assert info.value.exit_code == 3
+    good = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert good["step"] == 2 and all_finite(good)
+    assert [r["step"] for r in strict_json_lines(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_on_nonfinite_skip_skips_the_step_counts_and_writes_strict_json(data_dir, tmp_path, monkeypatch, caplog):
+    nan_loss_at_step(monkeypatch, 3)
+    with caplog.at_level("WARNING", logger="asgo.harness.train"):
+        result = train(config(data_dir, *SHORT, "train.on_nonfinite=skip"), tmp_path)
+    assert "loss became nan at step 3: optimizer step skipped" in caplog.text
+    assert result["steps"] == 6 and result["nonfinite_skipped_steps"] == 1 and math.isfinite(result["final_val_loss"])
+    summary = strict_json_lines(tmp_path / "summary.json")
+    assert summary["nonfinite_skipped_steps"] == 1 and summary["on_nonfinite"] == "skip"
+    rows = [r for r in strict_json_lines(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["loss"] is None for r in rows] == [False, False, True, False, False, False]
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 1, 1, 1, 1]
+    assert rows[-1]["optimizer_skipped_steps"] == 0 and rows[-1]["optimizer_root_failures"] == 0
+    assert all_finite(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+
+
+def test_nonfinite_weights_are_never_checkpointed(data_dir, tmp_path, monkeypatch):
+    """Finite loss and gradient but weights made non-finite by the step: no checkpoint written."""
+    import asgo.harness.train as train_module
+    from asgo.harness.train import Diverged
+
+    build = train_module.optimizer_from_config
+
+    def build_poisoned(model, *args, **kwargs):
+        optimizer = build(model, *args, **kwargs)
+        calls = [0]
+
+        def poisoned_step(self, *a, **k):  # the second update makes a weight inf
+            out = type(self).step(self, *a, **k)
+            calls[0] += 1
+            if calls[0] == 2:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+            return out
+
+        optimizer.step = types.MethodType(poisoned_step, optimizer)  # a bound method, as LambdaLR expects
+        return optimizer
+
+    monkeypatch.setattr(train_module, "optimizer_from_config", build_poisoned)
+    cfg = config(data_dir, *SHORT, "train.train_steps=3", "train.checkpoint_interval=1")
+    with pytest.raises(Diverged, match=r"^weights or optimizer state became non-finite .*the last good checkpoint "
+                                       rf"is {re.escape(str(tmp_path / 'checkpoint.pt'))}$"):
+        train(cfg, tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_new_train_keys_are_validated(tmp_path):
+    """Before the dataset (missing here) is looked at: an error naming the key."""
+    with pytest.raises(ConfigError, match=r"^train\.on_nonfinite: .*'ignore'"):
+        train(config(tmp_path, "dataset=openwebtext", "train.on_nonfinite=ignore"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^train\.checkpoint_minutes: expected a number >= 0"):
+        train(config(tmp_path, "dataset=openwebtext", "train.checkpoint_minutes=-1"), tmp_path / "run")
+
+
+def test_sigusr1_checkpoints_at_a_step_boundary_like_ctrl_c(data_dir, tmp_path, monkeypatch):
+    from asgo.harness.train import Interrupted
+
+    log = MetricsLogger.log
+
+    def log_then_signal(self, row):
+        log(self, row)
+        if row["split"] == "train" and row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+    monkeypatch.setattr(MetricsLogger, "log", log_then_signal)
+    with pytest.raises(Interrupted, match=r"interrupted \(SIGUSR1\) at step 2") as info:
+        train(config(data_dir, *SHORT), tmp_path)
+    assert info.value.exit_code == 128 + signal.SIGUSR1 and isinstance(info.value, KeyboardInterrupt)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)] == handlers
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_checkpoint_minutes_checkpoints_by_time(data_dir, tmp_path):
+    train(config(data_dir, *SHORT, "train.train_steps=3", "train.checkpoint_minutes=1e-9",
+                 "train.keep_checkpoints=true"), tmp_path)  # a checkpoint after every step, no kept copies
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.pt"]
+
+
+PREEMPT = ["model.n_layer=1", "train.batch_size=4", "train.train_steps=120", "train.eval_interval=0",
+           "train.eval_batches=2", "train.plot=false", "model.dropout=0.1", "optimizer=asgo",
+           "optimizer.precondition_frequency=3"]
+
+
+@pytest.mark.slow
+def test_cli_sigterm_checkpoints_exits_143_and_resumes_exactly(data_dir, tmp_path):
+    """SIGTERM (preemption) to a running asgo-train: a checkpoint at the step boundary, exit 143,
+    the resume command in the log; resuming ends bitwise like an uninterrupted run."""
+    run = tmp_path / "killed"
+    cmd = [str(ASGO_TRAIN), *BASE, *PREEMPT, f"train.dataset_path={data_dir}", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env=ONE_THREAD)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:  # a few steps logged
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, output[-3000:]
+    stopped = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 120
+    assert f"interrupted (SIGTERM) at step {stopped}: checkpoint written" in output, output[-3000:]
+    assert re.search(rf"asgo-train .*model\.n_layer=1 .*train\.resume={re.escape(str(run / 'checkpoint.pt'))}$",
+                     output, re.MULTILINE), output[-3000:]
+
+    train(config(data_dir, *PREEMPT, f"train.resume={run / 'checkpoint.pt'}"), tmp_path / "resumed")
+    train(config(data_dir, *PREEMPT), tmp_path / "full")
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")[stopped:]
+    a, b = checkpoint_of(tmp_path / "resumed"), checkpoint_of(tmp_path / "full")
+    assert a["step"] == b["step"] == 120 and equal(a["model"], b["model"]) and equal(a["optimizer"], b["optimizer"])

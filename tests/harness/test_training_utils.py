@@ -54,3 +54,22 @@ def test_metrics_csv_jsonl_tensorboard_and_plot(tmp_path):
     resumed.log({"step": 6, "split": "train", "loss": 0.5})
     resumed.close()
     assert len(read_metrics(tmp_path / "metrics.csv")) == 7
+
+
+def test_metrics_and_summary_json_are_strict(tmp_path):
+    """nan and inf are written as null: the files parse with a parser that refuses NaN/Infinity."""
+    from asgo.harness.metrics import strict_json
+
+    def refuse(name):
+        raise ValueError(name)
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log({"step": 1, "split": "train", "loss": float("nan"), "lr": float("inf")})
+    logger.log({"step": 1, "split": "val", "loss": float("nan")})
+    logger.close()
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "split": "train", "loss": None, "lr": None},
+                    {"step": 1, "split": "val", "loss": None, "perplexity": None}]
+    assert math.isnan(read_metrics(tmp_path / "metrics.csv")[0]["loss"])  # the CSV keeps nan
+    text = strict_json({"a": [1.0, float("-inf")], "b": {"c": float("nan"), "d": "x"}, "e": 2})
+    assert json.loads(text, parse_constant=refuse) == {"a": [1.0, None], "b": {"c": None, "d": "x"}, "e": 2}

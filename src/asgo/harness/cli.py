@@ -1,4 +1,10 @@
-"""``asgo-train``: the Hydra command line of the training harness."""
+"""``asgo-train``: the Hydra command line of the training harness.
+
+Exit status: 0 done; 1 a configuration or dataset error (one line, no traceback); 3 the training
+loss or gradient norm became non-finite (train.on_nonfinite=stop; the last good checkpoint is
+named and kept); 130 / 143 / 138 stopped by SIGINT (Ctrl-C) / SIGTERM / SIGUSR1 after writing a
+checkpoint at the step boundary (128 + the signal's number; continue with train.resume=<checkpoint>).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from omegaconf import DictConfig
 
 from asgo.harness.config import ConfigError
 from asgo.harness.data import DatasetError
-from asgo.harness.train import train
+from asgo.harness.train import Diverged, train
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -26,8 +32,11 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt as e:  # train.Interrupted: 128 + the signal's number; a plain Ctrl-C: 130
+        raise SystemExit(getattr(e, "exit_code", 130)) from None
     if is_main:
         print(f"final val loss: {result['final_val_loss']:.4f}")
         written = {"metrics": result["metrics"], "plot": result.get("plot"), "checkpoint": result["checkpoint"]}

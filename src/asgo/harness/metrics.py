@@ -8,6 +8,22 @@ import math
 from pathlib import Path
 
 
+def finite_or_none(value):
+    """``value`` with every non-finite float (nan, inf) replaced by ``None``, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """Standard JSON (RFC 8259): non-finite numbers written as ``null``, never ``NaN``/``Infinity``."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
 class MetricsLogger:
     """Append-only metric rows ``{step, split, loss, ...}`` to ``metrics.csv`` and ``metrics.jsonl``."""
 
@@ -41,10 +57,10 @@ class MetricsLogger:
 
     def log(self, row: dict) -> None:
         if "loss" in row and "perplexity" not in row and row.get("split") == "val":
-            row = {**row, "perplexity": math.exp(min(row["loss"], 50.0))}
+            row = {**row, "perplexity": math.exp(min(row["loss"], 50.0))}  # exp(nan) is nan
         self._csv.writerow(row)
         self._csv_file.flush()
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(strict_json(row) + "\n")  # nan/inf as null
         self._jsonl.flush()
         step, split = row["step"], row.get("split", "train")
         numeric = {k: v for k, v in row.items() if k not in ("step", "split") and isinstance(v, (int, float))}

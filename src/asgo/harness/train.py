@@ -4,22 +4,29 @@
     -> optimizer (asgo.build_optimizer; under torchrun owner-compute) -> schedule
     -> [resume: checkpoint.pt or checkpoint_dcp/] -> loop:
         every eval_interval: validation loss and perplexity
-        grad_accumulation micro-batches -> clip -> step -> schedule
-        every log_interval: train loss, lr, tokens/s; every checkpoint_interval: checkpoint
-        Ctrl-C: checkpoint at the end of the current step, then KeyboardInterrupt
+        grad_accumulation micro-batches -> clip -> [loss and gradient norm finite?] -> step -> schedule
+        every log_interval: train loss, lr, tokens/s, the optimizer's fault counters;
+        every checkpoint_interval steps or checkpoint_minutes: checkpoint
+        SIGINT (Ctrl-C), SIGTERM, SIGUSR1: checkpoint at the end of the current step, then
+        Interrupted (a KeyboardInterrupt; asgo-train exits 128 + the signal: 130, 143, 138)
     -> final evaluation, checkpoint, loss plot
 
 Under torchrun, train.parallel=ddp replicates the model (DistributedDataParallel; the matrices'
 optimizer state and updates split by owner-compute) and writes checkpoint.pt from rank 0;
 train.parallel=fsdp2 shards weights, gradients and optimizer state (fully_shard) and every rank
 writes its shards into checkpoint_dcp/ (torch.distributed.checkpoint).
+
+Divergence: a non-finite training loss or gradient norm raises Diverged (asgo-train exits 3,
+EXIT_DIVERGED) naming the step and the last good checkpoint; train.on_nonfinite=skip skips that
+optimizer step instead (counted: summary.json's nonfinite_skipped_steps). No checkpoint with
+non-finite weights or optimizer state is ever written, so the last good one stays in place.
+metrics.jsonl and summary.json are strict JSON (non-finite numbers as null).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import math
 import signal
@@ -37,9 +44,10 @@ from asgo.harness.checkpoint import load_checkpoint, load_dcp_checkpoint, save_c
 from asgo.harness.config import (ConfigError, check_fsdp2_optimizer, check_optimizer_config, optimizer_from_config,
                                  parallel_settings, supports_owner_compute)
 from asgo.harness.data import load_data
-from asgo.harness.metrics import MetricsLogger, plot_losses
+from asgo.harness.metrics import MetricsLogger, plot_losses, strict_json
 from asgo.harness.models import build_model, load_gpt2_pretrained
 from asgo.harness.schedule import warmup_cosine
+from asgo.harness.schema import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +67,102 @@ def evaluate(model, dataset, cfg, device, autocast) -> float:
     return (total / cfg.train.eval_batches).item()
 
 
+EXIT_DIVERGED = 3  # asgo-train's exit status when the loss or gradient norm became non-finite
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # asgo-train exits 128 + the signal's number:
+# 130 (SIGINT, Ctrl-C), 143 (SIGTERM: preemption, e.g. Slurm or Kubernetes), 138 (SIGUSR1: Slurm's --signal)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal at a step boundary, after writing a checkpoint; ``exit_code`` is
+    128 + the signal's number (the shell's convention)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+
+class Diverged(RuntimeError):
+    """The training loss, gradient norm or weights became non-finite; nothing non-finite was
+    checkpointed. ``exit_code``: :data:`EXIT_DIVERGED`."""
+
+    exit_code = EXIT_DIVERGED
+
+
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+    """Turns the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 into a request to stop at the next step boundary.
 
     The loop checks :meth:`requested` after each step, so the checkpoint it then writes holds a
-    consistent state; a second Ctrl-C interrupts at once (the previous handler is back).
+    consistent state; a second such signal acts at once (the previous handlers are back).
     """
 
     def __init__(self):
-        self._flag = False
-        self._previous = None
+        self.signum = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._restore()
+
+    def _restore(self):
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame):
-        self._flag = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.signum = signum
+        self._restore()
 
     def requested(self, dist_info: distributed.Distributed, device: torch.device) -> bool:
-        """Whether any rank was interrupted (all ranks agree, so they stop at the same step)."""
-        return distributed.any_rank(self._flag, dist_info, device)
+        """Whether any rank received a stop signal (all ranks agree, so they stop at the same step)."""
+        return distributed.any_rank(self.signum is not None, dist_info, device)
+
+
+def _validate_train_keys(t) -> tuple[str, float]:
+    """train.on_nonfinite and train.checkpoint_minutes (keys this module adds), checked up front."""
+    on_nonfinite = t.get("on_nonfinite", "stop")
+    if on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.on_nonfinite: unknown value {on_nonfinite!r} (expected stop or skip)")
+    minutes = t.get("checkpoint_minutes", 0)
+    minutes = 0 if minutes is None else minutes
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not math.isfinite(minutes) or minutes < 0:
+        raise ConfigError(f"train.checkpoint_minutes: expected a number >= 0 (0 or null: off), got {minutes!r}")
+    return on_nonfinite, float(minutes)
+
+
+def _resume_command(path: Path) -> str:
+    """The command line that continues this run: asgo-train with this run's overrides and train.resume."""
+    overrides = ["..."]
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("train.resume=", "+train.resume="))]
+    except Exception:  # not under Hydra's command line (train() called directly)
+        pass
+    return " ".join(["asgo-train", *overrides, f"train.resume={path}"])
+
+
+def _nonfinite_tensors(tensors) -> bool:
+    """Whether any floating-point tensor (this rank's shard of a DTensor) holds nan or inf (local)."""
+    for v in tensors:
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = _local(v)
+            if v.numel() and not torch.isfinite(v).all():
+                return True
+    return False
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the final metrics."""
     t = cfg.train
     parallel, owner_compute = parallel_settings(t)  # config errors before any work
+    validate_config(cfg)  # train/model/dataset typed keys
     check_optimizer_config(cfg.optimizer, t.train_steps)
+    on_nonfinite, checkpoint_minutes = _validate_train_keys(t)
     fsdp2 = parallel == "fsdp2"  # checkpoints in checkpoint_dcp/, in one process too
     if fsdp2:
         check_fsdp2_optimizer(cfg.optimizer)
@@ -189,8 +259,22 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         suffix = f"_{at_step:06d}" if at_step is not None else ""
         return out_dir / (f"checkpoint_dcp{suffix}" if fsdp2 else f"checkpoint{suffix}.pt")
 
+    last_good = {"path": str(t.resume) if t.resume else None}  # the latest checkpoint known to be finite
+
+    def diverged(what: str) -> Diverged:
+        where = (f"the last good checkpoint is {last_good['path']}" if last_good["path"] else
+                 "no checkpoint was written before it (see train.checkpoint_interval, train.checkpoint_minutes)")
+        return Diverged(f"{what}; {where}")
+
     def checkpoint(path: Path) -> None:
-        """Every rank calls it (collectives); rank 0 writes (fsdp2: every rank its shards)."""
+        """Every rank calls it (collectives); rank 0 writes (fsdp2: every rank its shards). Refuses
+        (:class:`Diverged`) to write non-finite weights or optimizer state: the last good one stays."""
+        state = (v for s in optimizer.state.values() for v in s.values())
+        if distributed.any_rank(_nonfinite_tensors(model.parameters()) or _nonfinite_tensors(state),
+                                dist_info, device):
+            raise diverged(f"weights or optimizer state became non-finite (found at step {step}, before "
+                           f"writing {path})")
+        clock["checkpoint"] = time.monotonic()
         rng = {"data": generator.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         rng_per_rank = [rng]
@@ -201,12 +285,14 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                  "config": OmegaConf.to_yaml(cfg)}
         if fsdp2:
             save_dcp_checkpoint(path, model, optimizer, extra)
-            return
-        # under owner-compute a collective gathering every rank's matrix state: the whole
-        # optimizer's, which loads at any world size
-        optimizer_state = optimizer.state_dict()
-        if dist_info.is_main:
-            save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer_state, **extra})
+        else:
+            # under owner-compute a collective gathering every rank's matrix state: the whole
+            # optimizer's, which loads at any world size
+            optimizer_state = optimizer.state_dict()
+            if dist_info.is_main:
+                save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer_state, **extra})
+        if path == checkpoint_path():
+            last_good["path"] = str(path)
 
     logger = None
     if dist_info.is_main:
@@ -226,7 +312,12 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         progress = tqdm(total=t.train_steps, initial=step, desc="train", dynamic_ncols=True)
 
     postfix = {}
-    clock = {"start": time.perf_counter(), "eval": 0.0}  # training time excludes evaluation
+    clock = {"start": time.perf_counter(), "eval": 0.0,  # training time excludes evaluation
+             "checkpoint": time.monotonic()}  # when the last checkpoint was written (train.checkpoint_minutes)
+    skipped_nonfinite = 0  # train.on_nonfinite=skip: optimizer steps skipped for a non-finite loss or gradient
+    # the optimizer's fault counters (a collective under a process group: every rank calls it)
+    diagnostics = optimizer.diagnostics if hasattr(optimizer, "diagnostics") else dict
+    counters_seen, counters_warned = dict(diagnostics()), set()
 
     def train_seconds() -> float:
         return time.perf_counter() - clock["start"] - clock["eval"]
@@ -258,9 +349,28 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     (loss / t.grad_accumulation).backward()
                     loss_sum += loss.detach().float()
                 if t.grad_clip:  # fsdp2: the norm of the full gradient, from every rank's shards
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                                               if p.grad is not None])
+                if isinstance(grad_norm, DTensor):
+                    grad_norm = grad_norm.full_tensor()
+                # divergence guard: the rank-mean loss and the (global) gradient norm, one sync per step
+                health = distributed.mean_across_ranks(
+                    torch.stack([loss_sum / t.grad_accumulation, grad_norm.detach().float().to(device)]), dist_info)
+                step_loss, step_norm = health.tolist()
                 lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                if math.isfinite(step_loss) and math.isfinite(step_norm):
+                    optimizer.step()
+                else:
+                    what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
+                            else f"gradient norm became {step_norm}")
+                    if on_nonfinite == "stop":
+                        raise diverged(f"{what} at step {step + 1}")
+                    skipped_nonfinite += 1  # train.on_nonfinite=skip: no update this step; the schedule moves on
+                    if dist_info.is_main:
+                        log.warning("%s at step %d: optimizer step skipped (train.on_nonfinite=skip; %d skipped "
+                                    "so far)", what, step + 1, skipped_nonfinite)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -270,24 +380,42 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     now = time.perf_counter()
                     tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
+                    counters = diagnostics()  # every rank: a collective under a process group
+                    for key, value in counters.items():
+                        if value > counters_seen.get(key, 0) and key not in counters_warned and dist_info.is_main:
+                            counters_warned.add(key)  # once per counter
+                            log.warning("optimizer fault counter %s grew to %d at step %d (%s's diagnostics(); "
+                                        "further growth is in metrics.jsonl as optimizer_%s)",
+                                        key, value, step, cfg.optimizer.name, key)
+                    counters_seen.update(counters)
                     if logger:
                         logger.log({"step": step, "split": "train", "loss": train_loss, "lr": lr,
                                     "tokens_per_s": tokens_per_s, "tokens": step * tokens_per_step,
-                                    "time_s": train_seconds()})
+                                    "time_s": train_seconds(), "nonfinite_skipped": skipped_nonfinite,
+                                    **{f"optimizer_{k}": v for k, v in counters.items()}})
                     postfix.update(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
                 if progress:
                     progress.set_postfix(postfix, refresh=False)
                     progress.update(1)
-                if t.checkpoint_interval and step % t.checkpoint_interval == 0 and step < t.train_steps:
-                    checkpoint(checkpoint_path())
-                    if t.keep_checkpoints:
+                on_interval = bool(t.checkpoint_interval) and step % t.checkpoint_interval == 0
+                on_time = bool(checkpoint_minutes) and time.monotonic() - clock["checkpoint"] >= 60 * checkpoint_minutes
+                # one collective: every rank checkpoints and stops at the same step
+                stopping, on_time = _any_rank_flags([stop.signum is not None, on_time], dist_info, device)
+                if (on_interval or on_time) and step < t.train_steps:
+                    if not stopping:  # else written just below
+                        checkpoint(checkpoint_path())
+                    if t.keep_checkpoints and on_interval:
                         checkpoint(checkpoint_path(step))
-                if stop.requested(dist_info, device):
+                if stopping:
                     checkpoint(checkpoint_path())
-                    log.warning("interrupted (Ctrl-C) at step %d: checkpoint written; continue with "
-                                "train.resume=%s", step, checkpoint_path())
-                    raise KeyboardInterrupt
-        except KeyboardInterrupt:
+                    signum = stop.signum or signal.SIGTERM  # another rank's signal: as preemption
+                    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                    message = (f"interrupted ({name}) at step {step}: checkpoint written; continue with "
+                               f"train.resume={checkpoint_path()}:\n  {_resume_command(checkpoint_path())}")
+                    if dist_info.is_main:
+                        log.warning("%s", message)
+                    raise Interrupted(message, signum)
+        except (KeyboardInterrupt, Diverged):
             if logger:
                 logger.close()
             leave_process_group()
@@ -297,7 +425,13 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                 progress.close()
 
     val_loss = eval_and_log()
-    checkpoint(checkpoint_path())
+    try:
+        checkpoint(checkpoint_path())
+    except Diverged:
+        if logger:
+            logger.close()
+        leave_process_group()
+        raise
     # what each rank holds: owner-compute its matrices' optimizer state, fsdp2 its shards of everything
     held = [(_state_bytes(optimizer), _param_bytes(model))]
     if dist_info.enabled:
@@ -308,6 +442,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
               "checkpoint": str(checkpoint_path()),
               "world_size": dist_info.world_size, "parallel": parallel if dist_info.enabled else None,
               "owner_compute": owner_compute,
+              "on_nonfinite": on_nonfinite, "nonfinite_skipped_steps": skipped_nonfinite,
               "diagnostics": optimizer.diagnostics(),  # a collective under owner-compute: every rank
               "train_seconds": train_seconds(), "optimizer_state_bytes": state_bytes[0],
               "optimizer_state_bytes_per_rank": state_bytes, "optimizer_state_bytes_total": sum(state_bytes),
@@ -321,9 +456,18 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.plot:
             result["plot"] = str(plot_losses(logger.csv_path, out_dir / "loss.png",
                                              title=f"{cfg.model.name} / {cfg.dataset.name} / {cfg.optimizer.name}"))
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+        (out_dir / "summary.json").write_text(strict_json(result, indent=2))  # nan/inf as null
     leave_process_group()
     return result
+
+
+def _any_rank_flags(flags: list[bool], dist_info: distributed.Distributed, device: torch.device) -> list[bool]:
+    """Each flag true on any rank (one collective for all of them: every rank must call it)."""
+    if not dist_info.enabled:
+        return list(flags)
+    value = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in value.tolist()]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
