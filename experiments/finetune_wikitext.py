@@ -91,6 +91,7 @@ def evaluate_pretrained(ckpt: Path, data: Path, fim_rate: float, args) -> float:
     from omegaconf import OmegaConf
 
     from asgo.harness.checkpoint import load_checkpoint
+    from asgo.harness.config import CONFIG_DIR
     from asgo.harness.data import load_data
     from asgo.harness.models import build_model
     from asgo.harness.train import evaluate
@@ -100,13 +101,11 @@ def evaluate_pretrained(ckpt: Path, data: Path, fim_rate: float, args) -> float:
     lm = load_data(ds, str(data))
     model = build_model("tiny", vocab_size=lm.vocab_size)
     model.load_state_dict(load_checkpoint(str(ckpt))["model"])
-    # the same validation batches as the fine-tuning runs' evaluation at seed s (generator seed + 1_000_003)
-    losses = []
-    for seed in args.seed_list:
-        cfg = OmegaConf.create({"train": {"seed": seed, "eval_batches": args.eval_batches,
-                                          "batch_size": args.batch_size}, "model": {"block_size": 128}})
-        losses.append(evaluate(model, lm.val, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False)))
-    return statistics.fmean(losses)
+    # the fine-tuning runs' validation windows: fixed, whatever the seed and batch size
+    eval_batch_size = OmegaConf.load(CONFIG_DIR / "config.yaml").train.eval_batch_size
+    cfg = OmegaConf.create({"train": {"eval_batches": args.eval_batches, "eval_batch_size": eval_batch_size,
+                                      "eval_full": False}, "model": {"block_size": 128}})
+    return evaluate(model, lm.val, cfg, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
 
 
 def main(argv: list[str] | None = None) -> None:

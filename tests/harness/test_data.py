@@ -481,3 +481,33 @@ def test_prepare_cli(shakespeare_dir, wikitext_dir, capsys):
     assert main(["shakespeare_char", "--data-dir", str(shakespeare_dir)]) == 0
     assert "prepared" in capsys.readouterr().out
     assert main(["wikitext2", "--data-dir", str(wikitext_dir), "--tokenizer", "byte", "--train-split", "test"]) == 0
+
+
+# evaluation windows (train.eval_batch_size / train.eval_full): fixed, shardable, the full pass covers every token once
+
+def test_eval_windows_are_fixed_and_full_pass_scores_every_token_once(ramp):
+    a, b = D.eval_windows(len(ramp), 32, 40), D.eval_windows(len(ramp), 32, 40)
+    assert torch.equal(a.offsets, b.offsets) and len(a) == 40  # the same set at every call (a constant seed)
+    assert torch.equal(D.eval_windows(len(ramp), 32, 80).offsets[:40], a.offsets)  # more windows extend the set
+    for block in (64, 7, 9999):  # 9999 = 156 * 64 + 15: a tail window; 9999 = 1 * 9999: none
+        full = D.eval_windows(len(ramp), block)
+        x, y = ramp.eval_batch(full, torch.arange(len(full)))
+        assert x.shape == y.shape == (len(full), block)
+        scored = y[y != D.IGNORE_INDEX]  # the ramp's token ids are their positions
+        assert torch.equal(scored.sort().values, torch.arange(1, len(ramp)))  # each target once, none missed
+        assert len(scored) == len(ramp) - 1
+
+
+def test_eval_window_shards_partition_the_set_and_batches_do_not_matter(ramp):
+    windows = D.eval_windows(len(ramp), 16, 11)
+    for world in (1, 2, 3, 4, 16):
+        shards = [list(windows.shard(r, world)) for r in range(world)]
+        assert sum(shards, []) == list(range(11))
+    whole = ramp.eval_batch(windows, torch.arange(11))
+    parts = [ramp.eval_batch(windows, torch.arange(i, min(i + 4, 11))) for i in range(0, 11, 4)]
+    assert all(torch.equal(w, torch.cat(p)) for w, p in zip(whole, zip(*parts)))
+    fim = FIMDataset(ramp, FIMSentinels.after(10_000), fim_rate=0.5, spm_rate=0.5)
+    whole = fim.eval_batch(windows, torch.arange(11))  # FIM drawn per window: the same in any batch
+    parts = [fim.eval_batch(windows, torch.arange(i, min(i + 4, 11))) for i in range(0, 11, 4)]
+    assert all(torch.equal(w, torch.cat(p)) for w, p in zip(whole, zip(*parts)))
+    assert 0 < int((whole[0][:, 0] == 10_000).sum()) < 11  # some windows FIM, some not

@@ -1,5 +1,6 @@
 """End-to-end runs of the harness on the package's embedded Shakespeare copy (no network)."""
 
+import contextlib
 import json
 import math
 import os
@@ -602,3 +603,163 @@ def test_cli_sigterm_checkpoints_exits_143_and_resumes_exactly(data_dir, tmp_pat
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "full")[stopped:]
     a, b = checkpoint_of(tmp_path / "resumed"), checkpoint_of(tmp_path / "full")
     assert a["step"] == b["step"] == 120 and equal(a["model"], b["model"]) and equal(a["optimizer"], b["optimizer"])
+
+
+# evaluation (train.eval_batch_size, train.eval_full): independent of train.batch_size, sharded over ranks
+
+def eval_setup(data_dir, *overrides):
+    from asgo.harness.data import load_data
+    from asgo.harness.models import build_model
+
+    cfg = config(data_dir, "model.n_layer=1", *overrides)
+    data = load_data(cfg.dataset, data_dir)
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=data.vocab_size, n_layer=1, n_embd=64, block_size=64)
+    return cfg, data, model
+
+
+def test_val_loss_does_not_depend_on_the_training_batch_size(data_dir):
+    from asgo.harness.train import evaluate
+
+    cfg4, data, model = eval_setup(data_dir, "train.batch_size=4", "train.eval_batch_size=6")
+    cfg8 = config(data_dir, "model.n_layer=1", "train.batch_size=8", "train.eval_batch_size=6", "train.seed=7")
+    a = evaluate(model, data.val, cfg4, torch.device("cpu"), contextlib.nullcontext)
+    b = evaluate(model, data.val, cfg8, torch.device("cpu"), contextlib.nullcontext)
+    assert a == b and math.isfinite(a)  # exactly: the same windows in the same batches (any train.seed too)
+    assert a == evaluate(model, data.val, cfg4, torch.device("cpu"), contextlib.nullcontext)  # every call
+
+
+def test_eval_full_scores_every_validation_token_once(data_dir):
+    from asgo.harness.data import IGNORE_INDEX
+    from asgo.harness.train import evaluate
+
+    cfg, data, model = eval_setup(data_dir, "train.eval_full=true", "train.eval_batch_size=64")
+    seen = []
+
+    def counting(x, y):
+        seen.append(y)
+        return model(x, y)
+
+    counting.eval, counting.train = model.eval, model.train
+    loss = evaluate(counting, data.val, cfg, torch.device("cpu"), contextlib.nullcontext)
+    targets = torch.cat([y.flatten() for y in seen])
+    assert int((targets != IGNORE_INDEX).sum()) == len(data.val) - 1  # every token after the first, once
+    assert len(seen) == math.ceil(math.ceil((len(data.val) - 1) / 64) / 64) and math.isfinite(loss)
+    expected = torch.from_numpy(data.val.tokens[1:].astype("int64")).bincount(minlength=data.vocab_size)
+    assert torch.equal(targets[targets != IGNORE_INDEX].bincount(minlength=data.vocab_size), expected)
+
+
+def test_tokens_per_second_excludes_evaluation(data_dir, tmp_path, monkeypatch):
+    from asgo.harness import train as train_module
+
+    real = train_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    result = train(config(data_dir, "model.n_layer=1", "train.train_steps=3", "train.eval_interval=1",
+                          "train.eval_batches=1", "train.plot=false", "train.checkpoint_interval=0"), tmp_path)
+    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["split"] == "train"]
+    tokens_per_step = 8 * 64
+    assert len(rows) == 3 and all(tokens_per_step / r["tokens_per_s"] < 0.4 for r in rows), rows  # no 0.5 s sleeps
+    assert result["train_seconds"] < 1.5, result  # the clock excludes the four evaluations (2 s of sleep)
+
+
+@pytest.mark.slow
+def test_torchrun_val_loss_equals_one_process(data_dir, tmp_path):
+    """2 processes each evaluate half of the windows (5 = 2 + 3) and get the one-process loss."""
+    from asgo.harness.train import evaluate
+
+    evals = ["train.train_steps=2", "train.eval_batches=1", "train.eval_batch_size=5", "train.grad_accumulation=1"]
+    summary = torchrun(data_dir, tmp_path, *evals)
+    cfg, data, model = eval_setup(data_dir, *DDP, *evals)
+    model.load_state_dict(checkpoint_of(tmp_path)["model"])
+    one = evaluate(model, data.val, cfg, torch.device("cpu"), contextlib.nullcontext)
+    assert abs(summary["final_val_loss"] - one) < 1e-6, (summary["final_val_loss"], one)
+
+
+# issue 11: resume checks the stored config, metrics cut back, out_dir guarded, stray temporaries
+SMALL = ["model.n_layer=1", "train.batch_size=4", "train.train_steps=4", "train.eval_interval=2",
+         "train.eval_batches=2", "train.plot=false", "train.checkpoint_interval=2", "train.keep_checkpoints=true"]
+
+
+@pytest.fixture(scope="module")
+def small_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    train(config(data_dir, *SMALL), out)
+    return out
+
+
+@pytest.mark.parametrize("override, keys", [("model.n_embd=32", ["model.n_embd: 64 -> 32"]),
+                                            ("dataset=wikitext2", ["dataset.name: 'shakespeare_char' -> 'wikitext2'"])])
+def test_resume_refuses_a_changed_model_or_dataset(data_dir, small_run, tmp_path, override, keys):
+    with pytest.raises(ConfigError, match="the model or dataset differs") as error:
+        train(config(data_dir, *SMALL, override, "train.resume_overrides=true",
+                     f"train.resume={small_run / 'checkpoint_000002.pt'}"), tmp_path / "run")
+    assert all(key in str(error.value) for key in keys), error.value
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_resume_refuses_optimizer_changes_unless_resume_overrides(data_dir, small_run, tmp_path, caplog):
+    changed = ["optimizer.learning_rate=0.001", "optimizer.beta2=0.5"]
+    resume = f"train.resume={small_run / 'checkpoint_000002.pt'}"
+    with pytest.raises(ConfigError, match="train.resume_overrides=true") as error:
+        train(config(data_dir, *SMALL, *changed, resume), tmp_path / "refused")
+    assert "optimizer.learning_rate: 0.01 -> 0.001" in str(error.value) and "optimizer.beta2: 0.8 -> 0.5" in str(error.value)
+    with pytest.raises(ConfigError, match=re.escape("train.warmup_fraction: 0.1 -> 0.5")):
+        train(config(data_dir, *SMALL, "train.warmup_fraction=0.5", resume), tmp_path / "refused")
+    # keys that may differ: steps extended, logging, checkpoint cadence, progress
+    train(config(data_dir, *SMALL, "train.train_steps=5", "train.log_interval=2", "train.checkpoint_interval=0",
+                 "train.progress=true", resume), tmp_path / "extended")
+
+    with caplog.at_level("WARNING", logger="asgo.harness.train"):
+        result = train(config(data_dir, *SMALL, *changed, "train.resume_overrides=true", resume), tmp_path / "applied")
+    assert result["steps"] == 4 and "optimizer.beta2: 0.8 -> 0.5" in caplog.text
+    groups = torch.load(tmp_path / "applied" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    asgo_groups = [g for g in groups if g["algorithm"] == "asgo"]
+    assert asgo_groups and all(g["beta2"] == 0.5 and g["initial_lr"] == 0.001 for g in asgo_groups)
+    assert all(g["lr"] <= 0.001 for g in asgo_groups)
+
+
+def test_resume_into_its_run_cuts_metrics_back_to_the_checkpoint(data_dir, tmp_path):
+    train(config(data_dir, *SMALL), tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # as if the run had gone on after the checkpoint
+        f.write(json.dumps({"step": 3, "split": "train", "loss": 9.0}) + "\n")
+    train(config(data_dir, *SMALL, f"train.resume={tmp_path / 'checkpoint_000002.pt'}"), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 2, 4]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in lines] == [(r["step"], r["split"]) for r in rows]
+    assert all(r["loss"] != 9.0 for r in lines)
+
+
+def test_out_dir_holding_another_run_is_refused_unless_overwrite(data_dir, small_run, tmp_path):
+    with pytest.raises(ConfigError, match="already holds another run"):
+        train(config(data_dir, *SMALL), small_run)
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "metrics.csv").write_text("step,split\n")
+    with pytest.raises(ConfigError, match=r"already holds another run \(metrics.csv\)"):
+        train(config(data_dir, *SMALL), tmp_path / "partial")
+    stray = tmp_path / "partial" / ".checkpoint.pt.abc123.tmp"
+    stray.write_bytes(b"half")
+    result = train(config(data_dir, *SMALL, "train.overwrite=true"), tmp_path / "partial")
+    assert result["steps"] == 4 and not stray.exists()
+    assert len(read_metrics(tmp_path / "partial" / "metrics.csv")) == 7  # 4 train + 3 val, started afresh
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("checkpoint.pt", "checkpoint_000002.pt", "metrics.csv"):
+        assert (tmp_path / "partial" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_cli_hydra_outputs_go_into_train_out_dir(data_dir, tmp_path):
+    cmd = [str(ASGO_TRAIN), *BASE, f"train.dataset_path={data_dir}", *SMALL, f"train.out_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "cli.log").is_file() and (run / "metrics.csv").is_file()
+    assert not (tmp_path / "runs").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
+    assert again.returncode == 1 and again.stderr.startswith("error: train.out_dir="), again.stderr[-3000:]

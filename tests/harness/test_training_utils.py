@@ -73,3 +73,41 @@ def test_metrics_and_summary_json_are_strict(tmp_path):
     assert math.isnan(read_metrics(tmp_path / "metrics.csv")[0]["loss"])  # the CSV keeps nan
     text = strict_json({"a": [1.0, float("-inf")], "b": {"c": float("nan"), "d": "x"}, "e": 2})
     assert json.loads(text, parse_constant=refuse) == {"a": [1.0, None], "b": {"c": None, "d": "x"}, "e": 2}
+
+
+def test_truncate_metrics_drops_rows_after_the_resume_step(tmp_path):
+    from asgo.harness.metrics import truncate_metrics
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(5):
+        logger.log({"step": step, "split": "train", "loss": 1.0})
+        logger.log({"step": step, "split": "val", "loss": 2.0})
+    logger.close()
+    truncate_metrics(tmp_path, 2, revalidate=True)  # the resumed run validates at step 2 again
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [(r["step"], r["split"]) for r in rows] == [(0, "train"), (0, "val"), (1, "train"), (1, "val"), (2, "train")]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in lines] == [(r["step"], r["split"]) for r in rows]
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume=True, resume_step=1)
+    logger.log({"step": 2, "split": "train", "loss": 3.0})
+    logger.close()
+    assert [(r["step"], r["split"], r["loss"]) for r in read_metrics(tmp_path / "metrics.csv")][-2:] == [
+        (1, "val", 2.0), (2, "train", 3.0)]
+
+
+def test_checkpoint_file_mode_and_stray_temporaries(tmp_path):
+    import os
+
+    from asgo.harness.checkpoint import remove_stray_temporaries
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    strays = [tmp_path / ".checkpoint.pt.x1y2.tmp", tmp_path / ".checkpoint_000002.pt.abc.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"half")
+    keep = tmp_path / ".other.tmp"
+    keep.write_bytes(b"not ours")
+    assert sorted(remove_stray_temporaries(tmp_path)) == sorted(strays)
+    assert not any(s.exists() for s in strays) and keep.exists() and path.exists()

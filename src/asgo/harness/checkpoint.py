@@ -23,12 +23,17 @@ import torch.distributed as dist
 EXTRA = "extra.pt"  # the non-tensor part of a DCP checkpoint directory
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that cannot be one; ``asgo-train`` prints it in one line."""
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` to ``path`` so that a crash never leaves a half-written file there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as other outputs (0644 under umask 022), not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -40,13 +45,62 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def _torch_load(path: Path, what: str, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)``; a file that is not one (random bytes, truncated, a
+    text file) or holds no dict is a ``ValueError`` naming ``path`` and what was expected."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, KeyError, ... for a bad file
+        size = path.stat().st_size if path.is_file() else 0
+        # torch's weights_only message advises weights_only=False (unsafe for a file of unknown origin):
+        # keep only its diagnosis (e.g. 'Unsupported operand 11', 'Unsupported global: ...')
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if lines and lines[0].startswith("Weights only load failed"):
+            lines = [line for line in lines if line.startswith("Unsupported")] or ["not a torch.save pickle"]
+        detail = lines[0].split(". ")[0][:200] if lines else "no detail"
+        raise CheckpointError(f"{path} ({size} bytes) is not a readable checkpoint: expected {what}; the file is "
+                         f"corrupt, truncated or of another kind ({type(e).__name__}: {detail})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: expected {what}, found a {type(state).__name__}")
+    return state
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stray_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`save_checkpoint` left in ``out_dir``
+    (``.checkpoint*.pt.*.tmp``); call it at the start of a run, before anything writes there."""
+    removed = []
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        for stray in out_dir.glob(".checkpoint*.pt.*.tmp"):
+            if stray.is_file():
+                stray.unlink(missing_ok=True)
+                removed.append(stray)
+    return removed
+
+
+def read_stored_config(path: str | os.PathLike) -> str | None:
+    """The config (YAML) a checkpoint.pt or checkpoint_dcp directory was written with, or None."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EXTRA).is_file():
+            return None  # not a checkpoint_dcp directory: load_dcp_checkpoint says so
+        return torch.load(path / EXTRA, map_location="cpu", weights_only=True).get("config")
+    return load_checkpoint(path).get("config")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (train.resume expects a file written by "
                                 f"asgo-train, e.g. <run dir>/checkpoint.pt, or a <run dir>/checkpoint_dcp "
                                 f"directory)")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return _torch_load(path, "a checkpoint.pt written by asgo-train (torch.save of a dict)", map_location)
 
 
 def is_dcp_checkpoint(path: str | os.PathLike) -> bool:
@@ -125,7 +179,7 @@ def load_dcp_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
         load(state, checkpoint_id=str(path))  # each rank reads its shards (everything without sharding)
     model.load_state_dict(state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    return torch.load(path / EXTRA, map_location="cpu", weights_only=True)
+    return _torch_load(path / EXTRA, f"the {EXTRA} of a checkpoint_dcp directory written by asgo-train")
 
 
 def read_dcp_checkpoint(path: str | os.PathLike) -> dict:
@@ -139,4 +193,4 @@ def read_dcp_checkpoint(path: str | os.PathLike) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "checkpoint.pt")
         state = torch.load(Path(tmp) / "checkpoint.pt", map_location="cpu", weights_only=True)
-    return {**state, **torch.load(path / EXTRA, map_location="cpu", weights_only=True)}
+    return {**state, **_torch_load(path / EXTRA, f"the {EXTRA} of a checkpoint_dcp directory written by asgo-train")}

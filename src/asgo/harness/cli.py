@@ -14,11 +14,17 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from asgo.harness.checkpoint import CheckpointError
 from asgo.harness.config import ConfigError
 from asgo.harness.data import DatasetError
 from asgo.harness.train import Diverged, train
+
+# conf/config.yaml's hydra.run.dir: train.out_dir when set (Hydra's .hydra/ and cli.log beside the run's
+# outputs), else the default; oc.select would keep an explicit null
+OmegaConf.register_new_resolver("asgo.run_dir", lambda out_dir, default: default if out_dir in (None, "") else out_dir,
+                                replace=True)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -29,7 +35,7 @@ def main(cfg: DictConfig) -> float:
     out_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
     try:
         result = train(cfg, out_dir)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Diverged as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -30,12 +32,18 @@ class MetricsLogger:
     FIELDS = ("step", "split", "loss", "perplexity", "lr", "tokens_per_s", "tokens", "time_s")
 
     def __init__(self, out_dir: Path, tensorboard: bool = True, wandb_config: dict | None = None,
-                 resume: bool = False):
+                 resume: bool = False, resume_step: int | None = None, revalidate: bool = False):
+        """``resume``: append to the existing files; with ``resume_step`` (the checkpoint's step) the
+        rows after it are removed first (and its ``val`` rows too when ``revalidate``: the resumed run
+        evaluates at that step again), so no step is logged twice. TensorBoard event files are kept
+        as they are (TensorBoard shows the latest value written for a step)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.out_dir / "metrics.csv"
         self.jsonl_path = self.out_dir / "metrics.jsonl"
         new = not (resume and self.csv_path.exists())
+        if not new and resume_step is not None:
+            truncate_metrics(self.out_dir, resume_step, revalidate)
         mode = "w" if new else "a"
         self._csv_file = open(self.csv_path, mode, newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=self.FIELDS, extrasaction="ignore")
@@ -77,6 +85,56 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _kept(step, split, resume_step: int, revalidate: bool) -> bool:
+    try:
+        step = float(step)
+    except (TypeError, ValueError):
+        return True  # not a metric row of ours: left alone
+    return step < resume_step or (step == resume_step and not (revalidate and split == "val"))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)
+
+
+def truncate_metrics(out_dir: Path, resume_step: int, revalidate: bool = False) -> None:
+    """Remove the rows of ``metrics.csv`` and ``metrics.jsonl`` logged after ``resume_step`` (and its
+    ``val`` rows when ``revalidate``), before a resumed run appends from there."""
+    out_dir = Path(out_dir)
+    csv_path, jsonl_path = out_dir / "metrics.csv", out_dir / "metrics.jsonl"
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows:
+            header = rows[0]
+            at = {name: i for i, name in enumerate(header)}
+
+            def field(row, name):
+                i = at.get(name)
+                return row[i] if i is not None and i < len(row) else None
+
+            kept = [header] + [r for r in rows[1:]
+                               if _kept(field(r, "step"), field(r, "split") or "train", resume_step, revalidate)]
+            if len(kept) != len(rows):
+                buffer = io.StringIO()
+                csv.writer(buffer).writerows(kept)  # the DictWriter's dialect: excel, \r\n
+                _replace_text(csv_path, buffer.getvalue())
+    if jsonl_path.exists():
+        lines = jsonl_path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if not isinstance(row, dict) or _kept(row.get("step"), row.get("split", "train"), resume_step, revalidate):
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept != lines:
+            _replace_text(jsonl_path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -40,10 +40,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 
 from asgo.harness import distributed
-from asgo.harness.checkpoint import load_checkpoint, load_dcp_checkpoint, save_checkpoint, save_dcp_checkpoint
+from asgo.harness.checkpoint import (load_checkpoint, load_dcp_checkpoint, read_stored_config, remove_stray_temporaries,
+                                     save_checkpoint, save_dcp_checkpoint)
 from asgo.harness.config import (ConfigError, check_fsdp2_optimizer, check_optimizer_config, optimizer_from_config,
                                  parallel_settings, supports_owner_compute)
-from asgo.harness.data import load_data
+from asgo.harness.data import IGNORE_INDEX, eval_windows, load_data
 from asgo.harness.metrics import MetricsLogger, plot_losses, strict_json
 from asgo.harness.models import build_model, load_gpt2_pretrained
 from asgo.harness.schedule import warmup_cosine
@@ -52,19 +53,41 @@ from asgo.harness.schema import validate_config
 log = logging.getLogger(__name__)
 
 
-def evaluate(model, dataset, cfg, device, autocast) -> float:
-    """Mean loss over ``eval_batches`` fixed validation batches (the same ones at every call)."""
-    generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003)
+def evaluate(model, dataset, cfg, device, autocast, dist_info: distributed.Distributed | None = None) -> float:
+    """Mean loss per target token over a fixed set of validation windows.
+
+    The windows (:func:`~asgo.harness.data.eval_windows`): ``eval_batches * eval_batch_size`` at
+    offsets from a constant seed (``EVAL_SEED``, independent of ``train.seed`` and of the training
+    batch size), or with ``train.eval_full`` the whole split in consecutive non-overlapping windows;
+    the same set at every call. Under torchrun each rank evaluates a contiguous share of them in
+    batches of ``eval_batch_size`` (every rank runs the same number of forwards: fsdp2's forward is a
+    collective) and the loss sums and target-token counts are summed over ranks, so N ranks get the
+    one-process value (within float round-off) doing 1/N of the work.
+    """
+    t = cfg.train
+    windows = eval_windows(len(dataset), cfg.model.block_size,
+                           None if t.eval_full else t.eval_batches * t.eval_batch_size)
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None and dist_info.enabled else (0, 1)
+    mine = windows.shard(rank, world)
+    batches = math.ceil(math.ceil(len(windows) / world) / t.eval_batch_size)  # the largest share's
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target tokens
     model.eval()
-    total = torch.zeros((), device=device)
     with torch.no_grad():
-        for _ in range(cfg.train.eval_batches):
-            x, y = dataset.get_batch(cfg.train.batch_size, cfg.model.block_size, generator, device)
+        for b in range(batches):
+            start = mine.start + b * t.eval_batch_size
+            index = torch.arange(start, min(start + t.eval_batch_size, mine.stop))
+            real = len(index) > 0
+            x, y = dataset.eval_batch(windows, index if real else torch.zeros(1, dtype=torch.int64), device)
             with autocast():
-                _, loss = model(x, y)
-            total += loss.float()
+                _, loss = model(x, y)  # a rank out of windows still runs the forward (a collective under fsdp2)
+            if real:
+                count = (y != IGNORE_INDEX).sum().double()
+                totals += torch.stack([torch.where(count > 0, loss.double() * count, 0.0), count])
     model.train()
-    return (total / cfg.train.eval_batches).item()
+    if world > 1:
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+    total, count = totals.tolist()
+    return total / count if count else float("nan")
 
 
 EXIT_DIVERGED = 3  # asgo-train's exit status when the loss or gradient norm became non-finite
@@ -146,6 +169,119 @@ def _resume_command(path: Path) -> str:
     return " ".join(["asgo-train", *overrides, f"train.resume={path}"])
 
 
+# Resume (train.resume) compares the checkpoint's config with this run's: a changed model.* or dataset.* key is
+# refused; these keys may differ freely (where and how the run logs, evaluates, checkpoints and runs, and how
+# long it trains); any other change (optimizer.*, the lr schedule's train.warmup_fraction/min_lr_ratio, batch,
+# clipping, seed, autocast) is refused too unless train.resume_overrides=true, which applies the new values to
+# the loaded optimizer param groups and schedule and logs them.
+RESUME_MAY_DIFFER = frozenset({
+    "train.resume", "train.resume_overrides", "train.overwrite", "train.train_steps", "train.out_dir",
+    "train.dataset_path", "train.init_from", "train.progress", "train.log_interval", "train.eval_interval",
+    "train.eval_batches", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
+    "train.plot", "train.device", "train.parallel", "train.owner_compute", "train.checkpoint_interval",
+    "train.checkpoint_minutes", "train.keep_checkpoints", "train.on_nonfinite"})
+RESUME_REFUSED = ("model", "dataset")  # sections whose change a resume always refuses
+RUN_OUTPUTS = ("checkpoint.pt", "checkpoint_dcp", "metrics.csv", "metrics.jsonl", "summary.json")
+_ABSENT = "<absent>"
+
+
+def _flat_config(cfg) -> dict:
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation only Hydra's command line resolves
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(tree, "")
+    return flat
+
+
+def resume_config_changes(stored_yaml: str, cfg: DictConfig) -> tuple[dict, dict]:
+    """The keys whose value differs between a checkpoint's config (YAML) and ``cfg``, less
+    :data:`RESUME_MAY_DIFFER`: ``(refused, overridable)``, each ``{key: (stored, new)}``."""
+    old, new = _flat_config(OmegaConf.create(stored_yaml)), _flat_config(cfg)
+    refused, overridable = {}, {}
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a == b or key in RESUME_MAY_DIFFER:
+            continue
+        (refused if key.split(".")[0] in RESUME_REFUSED else overridable)[key] = (a, b)
+    return refused, overridable
+
+
+def _listing(changes: dict) -> str:
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def _check_resume_config(t, stored_yaml: str | None, cfg: DictConfig) -> dict:
+    """ConfigError for a resume whose model/dataset changed, or whose optimizer/training keys changed
+    without train.resume_overrides=true; the overridable changes to apply."""
+    if stored_yaml is None:
+        return {}
+    refused, overridable = resume_config_changes(stored_yaml, cfg)
+    if refused:
+        raise ConfigError(f"train.resume={t.resume}: the model or dataset differs from the checkpoint's "
+                          f"({_listing(refused)}); resume with the checkpoint's model and dataset")
+    if overridable and not t.get("resume_overrides", False):
+        raise ConfigError(f"train.resume={t.resume}: optimizer or training settings differ from the checkpoint's "
+                          f"({_listing(overridable)}); resume with the checkpoint's values, or set "
+                          f"train.resume_overrides=true to apply the new ones to the loaded optimizer and schedule")
+    return overridable
+
+
+def _check_out_dir(t, out_dir: Path) -> None:
+    """ConfigError when ``out_dir`` already holds another run (a checkpoint or metrics), unless this
+    run resumes from a checkpoint there or train.overwrite=true."""
+    if t.get("overwrite", False) or not out_dir.is_dir():
+        return
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    found += sorted(p.name for p in out_dir.glob("checkpoint_*"))[:1]
+    if not found:
+        return
+    if t.resume and Path(t.resume).resolve().parent == out_dir.resolve():
+        return
+    raise ConfigError(f"train.out_dir={out_dir} already holds another run ({', '.join(found)}): continue it with "
+                      f"train.resume={out_dir / 'checkpoint.pt'} (or checkpoint_dcp), choose another "
+                      f"train.out_dir, or set train.overwrite=true")
+
+
+def _differs(a, b) -> bool:
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return not (torch.is_tensor(a) and torch.is_tensor(b) and torch.equal(a, b))
+    return bool(a != b)
+
+
+def _apply_resume_overrides(optimizer, scheduler, fresh_groups: list[dict], changes: dict, is_main: bool) -> None:
+    """train.resume_overrides=true: this run's optimizer hyperparameters (``fresh_groups``, the param
+    groups as built from this config) replace the loaded ones, the schedule restarts from the new
+    peak lr (``initial_lr``) and schedule keys at the loaded step; logged."""
+    applied = []
+    for i, (group, fresh) in enumerate(zip(optimizer.param_groups, fresh_groups)):
+        for k, v in fresh.items():
+            if k == "lr":  # from initial_lr and the schedule, below
+                continue
+            if k not in group or _differs(group[k], v):
+                applied.append(f"param_groups[{i}].{k}: {group.get(k)!r} -> {v!r}")
+                group[k] = v
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for i, (group, base, factor) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)):
+        lr = base * factor(scheduler.last_epoch)
+        if not torch.is_tensor(group["lr"]) and _differs(group["lr"], lr):
+            applied.append(f"param_groups[{i}].lr: {group['lr']!r} -> {lr!r}")
+            group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if is_main:
+        log.warning("train.resume_overrides=true: resuming with changed settings %s; applied to the loaded "
+                    "optimizer and schedule: %s", _listing(changes), "; ".join(applied) or "nothing to change")
+
+
 def _nonfinite_tensors(tensors) -> bool:
     """Whether any floating-point tensor (this rank's shard of a DTensor) holds nan or inf (local)."""
     for v in tensors:
@@ -169,6 +305,15 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.resume and distributed.launched_world_size() > 1 and not Path(t.resume).is_dir():
             raise ConfigError(f"train.resume={t.resume}: train.parallel=fsdp2 under torchrun resumes a "
                               "checkpoint_dcp directory; resume a checkpoint.pt with train.parallel=ddp")
+    _check_out_dir(t, Path(out_dir))
+    resume_ckpt, resume_overrides = None, {}
+    if t.resume:  # the stored config against this one, before any work
+        if Path(t.resume).is_dir():
+            stored_config = read_stored_config(t.resume)  # extra.pt only
+        else:
+            resume_ckpt = load_checkpoint(t.resume)
+            stored_config = resume_ckpt.get("config")
+        resume_overrides = _check_resume_config(t, stored_config, cfg)
     dist_info, device = distributed.setup(t.device)
     sharded = fsdp2 and dist_info.enabled
     if sharded:  # FSDP2: each matrix's owner gathers its gradient and computes; AdamW steps its shards
@@ -181,6 +326,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                 log.info("owner-compute off: optimizer %s (or a route of optimizer.routes) cannot take a "
                          "process_group; every rank computes every update", cfg.optimizer.name)
     out_dir = Path(out_dir)
+    if dist_info.is_main:  # what an interrupted save_checkpoint left behind
+        for stray in remove_stray_temporaries(out_dir):
+            log.info("removed a stray temporary checkpoint file %s", stray)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     use_bf16 = device.type == "cuda" if t.autocast == "auto" else bool(t.autocast)
     autocast = (partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
@@ -228,14 +376,17 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     # resume: weights, optimizer, schedule, data position and RNG
     step = 0
     if t.resume:
+        fresh_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         if Path(t.resume).is_dir():  # checkpoint_dcp/: any world size, sharded or not
             ckpt = load_dcp_checkpoint(t.resume, model, optimizer)
         else:
-            ckpt = load_checkpoint(t.resume)
+            ckpt, resume_ckpt = resume_ckpt, None
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step = int(ckpt["step"])
+        if resume_overrides:  # train.resume_overrides=true (else refused above)
+            _apply_resume_overrides(optimizer, scheduler, fresh_groups, resume_overrides, dist_info.is_main)
         saved_world_size = len(ckpt["rng"])  # one entry per rank of the run that saved it
         if saved_world_size != dist_info.world_size and dist_info.is_main:
             log.warning("resuming a checkpoint of a %d-process run in %d processes: weights, optimizer and "
@@ -298,7 +449,10 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     if dist_info.is_main:
         wandb = {"project": t.wandb_project, "dir": str(out_dir), "mode": t.wandb_mode,
                  "config": OmegaConf.to_container(cfg, resolve=True)} if t.wandb else None
-        logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, wandb_config=wandb, resume=bool(t.resume))
+        # resume: rows after the checkpoint's step dropped (and its val rows when validated there again)
+        revalidate = step >= t.train_steps or bool(t.eval_interval and step % t.eval_interval == 0)
+        logger = MetricsLogger(out_dir, tensorboard=t.tensorboard, wandb_config=wandb, resume=bool(t.resume),
+                               resume_step=step if t.resume else None, revalidate=revalidate)
         report = optimizer.report()
         (out_dir / "routing.txt").write_text(report + "\n")
         totals = [line for line in report.splitlines() if line.startswith("total")]
@@ -324,7 +478,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
     def eval_and_log() -> float:
         start = time.perf_counter()
-        loss = evaluate(model, data.val, cfg, device, autocast)
+        loss = evaluate(model, data.val, cfg, device, autocast, dist_info)
         clock["eval"] += time.perf_counter() - start
         if logger:
             logger.log({"step": step, "split": "val", "loss": loss, "perplexity": math.exp(min(loss, 50)),
@@ -334,7 +488,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    tick, tick_step = time.perf_counter(), step
+    tick, tick_step = train_seconds(), step  # tokens/s: evaluation time excluded
     with StopRequest() as stop:
         try:
             while step < t.train_steps:
@@ -377,7 +531,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
 
                 if step % t.log_interval == 0 or step == t.train_steps:
                     train_loss = distributed.mean_across_ranks(loss_sum / t.grad_accumulation, dist_info).item()
-                    now = time.perf_counter()
+                    now = train_seconds()
                     tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
                     tick, tick_step = now, step
                     counters = diagnostics()  # every rank: a collective under a process group

@@ -22,11 +22,11 @@ from asgo.harness.data.paths import DatasetError, dataset_error, default_data_di
 from asgo.harness.data.prepare import prepare_dataset
 from asgo.harness.data.shakespeare import CharTokenizer, load_shakespeare_char, prepare_shakespeare_char
 from asgo.harness.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
-from asgo.harness.data.tokens import LMData, TokenDataset, sampler_seed
+from asgo.harness.data.tokens import EVAL_SEED, IGNORE_INDEX, EvalWindows, LMData, TokenDataset, eval_windows, sampler_seed
 from asgo.harness.data.wikitext import load_wikitext2, prepare_wikitext2
 
 __all__ = [
-    "ByteTokenizer", "CharTokenizer", "DatasetError", "FIMDataset", "FIMSentinels", "HFTokenizer", "LMData",
+    "EVAL_SEED", "IGNORE_INDEX", "EvalWindows", "eval_windows", "ByteTokenizer", "CharTokenizer", "DatasetError", "FIMDataset", "FIMSentinels", "HFTokenizer", "LMData",
     "TokenDataset", "apply_fim", "dataset_error", "default_data_dir", "fim_permute", "get_tokenizer",
     "load_data", "load_hf_text", "load_shakespeare_char", "load_wikitext2", "prepare_dataset", "prepare_hf_text",
     "prepare_shakespeare_char", "prepare_wikitext2", "sampler_seed",

@@ -131,3 +131,26 @@ class FIMDataset:
         windows = self.base.windows(offsets, block_size + 1)
         x, y = apply_fim(windows, self.sentinels, self.fim_rate, generator, self.spm_rate, self.loss)
         return to_device(x, y, device)
+
+    def eval_batch(self, windows: "EvalWindows", index: torch.Tensor, device: str | torch.device = "cpu"):
+        """Like :meth:`TokenDataset.eval_batch`, with FIM applied to each window from a generator seeded
+        by (``windows.seed``, the window's index): the same rearrangement whichever batch or rank holds it."""
+        from asgo.harness.data.tokens import mask_scored
+
+        offsets, starts = windows.offsets[index], windows.starts[index]
+        buf = self.base.windows(offsets, windows.block_size + 1)
+        rows = [apply_fim(buf[b:b + 1], self.sentinels, self.fim_rate,
+                          torch.Generator().manual_seed(_window_seed(windows.seed, int(i))), self.spm_rate, self.loss)
+                for b, i in enumerate(index.tolist())]
+        x = torch.cat([r[0] for r in rows]) if rows else buf[:, :-1]
+        y = torch.cat([r[1] for r in rows]) if rows else buf[:, 1:]
+        plain = x[:, 0] != self.sentinels.prefix  # non-FIM rows: mask the targets already scored (a full pass's tail)
+        y = torch.where(plain[:, None], mask_scored(y, offsets, starts), y)
+        return to_device(x.contiguous(), y.contiguous(), device)
+
+
+def _window_seed(seed: int, index: int) -> int:
+    import hashlib
+
+    digest = hashlib.sha256(f"asgo.eval_fim:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

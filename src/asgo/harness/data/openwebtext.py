@@ -139,7 +139,8 @@ def prepare_hf_text(name: str, data_dir: str | os.PathLike | None = None, tokeni
     for split, dset in splits.items():
         tokenized = dset.map(_Encode(tok, text_column), remove_columns=dset.column_names, features=features,
                              num_proc=num_proc if num_proc > 1 else None, desc=f"tokenizing {name}/{split}")
-        counts[split] = write_tokens(out / f"{split}.bin", _chunks(tokenized))
+        total = int(np.sum(tokenized.with_format("numpy")["len"], dtype=np.int64)) if len(tokenized) else 0
+        counts[split] = write_tokens(out / f"{split}.bin", _chunks(tokenized), total=total)
         docs[split] = len(tokenized)
         if counts[split] == 0:
             raise dataset_error(name, data_dir, f"the {split} split has no documents")

@@ -80,6 +80,23 @@ def dataset_error(name: str, data_dir: str | os.PathLike | None, problem: str) -
     return DatasetError(f"dataset {name!r}: {problem}. {how}")
 
 
+def read_text_source(path: str | os.PathLike, name: str, data_dir: str | os.PathLike | None, expected: str) -> str:
+    """The text of a dataset's source file ``path``, decoded as UTF-8 (newlines translated as by
+    ``Path.read_text``); a binary file (NUL bytes) or one that is not UTF-8 is a
+    :class:`DatasetError` naming the file and ``expected``."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise dataset_error(name, data_dir, f"{path} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at "
+                            f"offset {e.start}: {e.reason}); expected {expected}") from e
+    if "\0" in text:
+        raise dataset_error(name, data_dir, f"{path} looks like a binary file (NUL byte at offset "
+                            f"{text.index(chr(0))}); expected {expected}")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text() gives
+
+
 def _writable(directory: Path) -> bool:
     """Whether files can be created in ``directory`` (created if needed).
 

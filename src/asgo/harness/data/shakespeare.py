@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asgo.harness.data.paths import DatasetError, dataset_error, output_dir, resolve_data_dir
+from asgo.harness.data.paths import DatasetError, dataset_error, output_dir, read_text_source, resolve_data_dir
 from asgo.harness.data.tokens import META_FILE, LMData, TokenDataset, read_meta, write_meta, write_tokens
 
 NAME = "shakespeare_char"
@@ -95,7 +95,8 @@ def prepare_shakespeare_char(data_dir: str | os.PathLike | None = None) -> Path:
     if out != source_dir and _fresh(out, source):
         return out
 
-    text = source.read_text(encoding="utf-8")
+    text = read_text_source(source, NAME, data_dir, "plain UTF-8 text (tiny-shakespeare's input.txt, or any "
+                            "text to model character by character); delete it to use the embedded tiny-shakespeare")
     if not text:
         raise dataset_error(NAME, data_dir, f"{source} is empty")
     chars = sorted(set(text))
@@ -103,8 +104,8 @@ def prepare_shakespeare_char(data_dir: str | os.PathLike | None = None) -> Path:
         raise dataset_error(NAME, data_dir, f"{source} has {len(chars)} distinct characters, too many for uint16")
     ids = encode_text(text, chars)
     n_train = int(len(ids) * TRAIN_FRACTION)
-    n = {"train": write_tokens(out / "train.bin", [ids[:n_train]]),
-         "val": write_tokens(out / "val.bin", [ids[n_train:]])}
+    n = {"train": write_tokens(out / "train.bin", [ids[:n_train]], total=n_train),
+         "val": write_tokens(out / "val.bin", [ids[n_train:]], total=len(ids) - n_train)}
     write_meta(out, {"dataset": NAME, "vocab_size": len(chars), "itos": chars, "splits": n,
                      "tokenizer": "char", "source": str(source.resolve()), "source_bytes": source.stat().st_size,
                      "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest()})

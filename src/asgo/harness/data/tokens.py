@@ -12,9 +12,11 @@ and dataloader worker its own stream.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,15 +42,47 @@ def sampler_seed(seed: int, rank: int = 0, worker: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def write_tokens(path: str | os.PathLike, chunks: Iterable[Any]) -> int:
+def _write(f, data: bytes) -> None:
+    """One write of prepared data (a function of its own so tests can simulate a full disk)."""
+    f.write(data)
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} bytes"  # unreachable
+
+
+def no_space_error(path: str | os.PathLike, needed: int | None, error: OSError, *,
+                   at_least: int | None = None) -> DatasetError:
+    """A :class:`DatasetError` for a full disk while writing ``path``: the directory, the bytes the
+    file needs (``needed``, or ``at_least`` when the total is unknown) and the space free there."""
+    directory = Path(path).parent
+    try:
+        free = f"{_format_bytes(shutil.disk_usage(directory).free)} free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        need = f"{path} needs {_format_bytes(needed)} ({needed} bytes)"
+    else:
+        need = f"{path} needs at least {_format_bytes(at_least or 0)} ({at_least or 0} bytes)"
+    return DatasetError(f"no space left on the device holding {directory} while writing prepared data "
+                        f"({error.strerror or error}): {need}, {free}. Free space there (or point "
+                        f"train.dataset_path / --data-dir at a disk with room) and prepare again")
+
+
+def write_tokens(path: str | os.PathLike, chunks: Iterable[Any], total: int | None = None) -> int:
     """Write token-id chunks (arrays or lists) to ``path`` as uint16, chunk by chunk; return the count.
 
     The file is written under a temporary name and renamed at the end, so an interrupted run
-    never leaves a truncated ``.bin`` that looks prepared.
+    never leaves a truncated ``.bin`` that looks prepared. A full disk is a :class:`DatasetError`
+    naming the directory and the space needed (``total`` tokens, when the caller knows it).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count = 0
+    count = attempted = 0
     try:
         with open(tmp, "wb") as f:
             for chunk in chunks:
@@ -58,9 +92,15 @@ def write_tokens(path: str | os.PathLike, chunks: Iterable[Any]) -> int:
                 if arr.min() < 0 or arr.max() > np.iinfo(TOKEN_DTYPE).max:
                     raise ValueError(f"token ids must lie in [0, 65535] to be stored as uint16; got "
                                      f"[{arr.min()}, {arr.max()}]")
-                f.write(arr.astype(TOKEN_DTYPE, copy=False).tobytes())
+                attempted = count + arr.size
+                _write(f, arr.astype(TOKEN_DTYPE, copy=False).tobytes())
                 count += arr.size
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        needed = None if total is None else int(total) * TOKEN_DTYPE.itemsize
+        raise no_space_error(path, needed, e, at_least=max(attempted, count) * TOKEN_DTYPE.itemsize) from e
     finally:
         tmp.unlink(missing_ok=True)
     return count
@@ -70,8 +110,15 @@ def write_meta(directory: str | os.PathLike, meta: dict) -> Path:
     """Write ``meta.json`` atomically (temporary file, then rename); return its path."""
     path = Path(directory) / META_FILE
     tmp = path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(meta, indent=2) + "\n"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        raise no_space_error(path, len(text.encode()), e) from e
     return path
 
 
@@ -116,25 +163,30 @@ class TokenDataset:
     def _error(self, problem: str) -> DatasetError:
         return dataset_error(self.dataset, self.data_dir, problem)
 
+    def _corrupt(self, problem: str) -> DatasetError:
+        return self._error(f"{problem}: the file is corrupt or truncated; delete {self.path} "
+                           f"(and the other .bin files and meta.json next to it) to re-prepare the dataset")
+
     def _validate(self) -> None:
         if not self.path.is_file():
             raise self._error(f"{self.path} is missing")
         size = self.path.stat().st_size
         if size == 0:
-            raise self._error(f"{self.path} is empty")
+            raise self._corrupt(f"{self.path} is empty")
         if size % TOKEN_DTYPE.itemsize:
-            raise self._error(f"{self.path} has {size} bytes, not a whole number of uint16 tokens")
+            raise self._corrupt(f"{self.path} has {size} bytes, not a whole number of {TOKEN_DTYPE.itemsize}-byte "
+                                f"uint16 tokens")
         n = size // TOKEN_DTYPE.itemsize
         expected = (self.meta.get("splits") or {}).get(self.split)
         if expected is not None and expected != n:
-            raise self._error(f"{self.path} holds {n} uint16 tokens but {self.directory / META_FILE} records "
-                              f"{expected} (truncated, or written with another dtype?)")
+            raise self._corrupt(f"{self.path} holds {n} uint16 tokens but {self.directory / META_FILE} records "
+                                f"{expected} (truncated, or written with another dtype?)")
         head = np.memmap(self.path, dtype=TOKEN_DTYPE, mode="r", shape=(min(n, _CHECK_TOKENS),))
         top = int(head.max())
         del head
         if top >= self.vocab_size:
-            raise self._error(f"{self.path} has token id {top} >= vocab_size {self.vocab_size} "
-                              f"(another tokenizer, or not a uint16 file?)")
+            raise self._corrupt(f"{self.path} has token id {top} >= vocab_size {self.vocab_size} "
+                                f"(another tokenizer, or not a uint16 file?)")
 
     @property
     def tokens(self) -> np.memmap:
@@ -156,7 +208,9 @@ class TokenDataset:
         n = len(self)
         if n < block_size + 1:
             raise self._error(f"{self.path} has {n} tokens, fewer than block_size + 1 = {block_size + 1} "
-                              f"needed for one window (use a smaller block size)")
+                              f"needed for one window: if the file is truncated, delete {self.path} (and the "
+                              f"other .bin files and meta.json next to it) to re-prepare the dataset; "
+                              f"otherwise use a smaller model.block_size")
         return torch.randint(n - block_size, (batch_size,), generator=generator)
 
     def windows(self, offsets: torch.Tensor, length: int) -> torch.Tensor:
@@ -172,6 +226,14 @@ class TokenDataset:
         offsets = self._offsets(batch_size, block_size, generator)
         buf = self.windows(offsets, block_size + 1)
         return to_device(buf[:, :-1].contiguous(), buf[:, 1:].contiguous(), device)
+
+    def eval_batch(self, windows: "EvalWindows", index: torch.Tensor,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The evaluation batch of windows ``windows[index]``: ``x``, ``y`` (int64, (len(index), block_size))."""
+        offsets, starts = windows.offsets[index], windows.starts[index]
+        buf = self.windows(offsets, windows.block_size + 1)
+        y = mask_scored(buf[:, 1:], offsets, starts)
+        return to_device(buf[:, :-1].contiguous(), y.contiguous(), device)
 
 
 def to_device(x: torch.Tensor, y: torch.Tensor, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,3 +260,52 @@ class LMData:
     def sampler_seed(seed: int, rank: int = 0, worker: int = 0) -> int:
         """See :func:`sampler_seed`."""
         return sampler_seed(seed, rank, worker)
+
+
+EVAL_SEED = 20_240_611  # the evaluation windows' seed: a constant, so every run (any train.seed) scores the same windows
+IGNORE_INDEX = -100  # the models' F.cross_entropy(..., ignore_index=-100)
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """A fixed set of evaluation windows of ``block_size + 1`` tokens: ``offsets[k]`` is window k's
+    first token and ``starts[k]`` the first token position it scores (targets before it are set to
+    ``IGNORE_INDEX``: the tail window of a full pass, which overlaps its predecessor)."""
+
+    offsets: torch.Tensor  # int64 (W,)
+    starts: torch.Tensor  # int64 (W,)
+    block_size: int
+    seed: int = EVAL_SEED
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def shard(self, rank: int, world_size: int) -> range:
+        """The window indices rank ``rank`` of ``world_size`` evaluates: a contiguous, near-equal share."""
+        n = len(self)
+        return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def eval_windows(n_tokens: int, block_size: int, count: int | None = None, seed: int = EVAL_SEED) -> EvalWindows:
+    """``count`` windows at uniformly random offsets drawn from a generator seeded with ``seed``
+    (deterministic: the same set at every call), or with ``count=None`` the whole split in
+    consecutive non-overlapping windows, every token from the second on a target exactly once (the
+    last window ends at the split's end and ignores the targets its predecessor already scored)."""
+    if n_tokens < block_size + 1:
+        raise ValueError(f"{n_tokens} tokens are fewer than block_size + 1 = {block_size + 1} needed for one window")
+    if count is not None:
+        offsets = torch.randint(n_tokens - block_size, (count,), generator=torch.Generator().manual_seed(seed))
+        return EvalWindows(offsets, offsets + 1, block_size, seed)
+    full = (n_tokens - 1) // block_size
+    offsets = torch.arange(full, dtype=torch.int64) * block_size
+    starts = offsets + 1
+    if full * block_size < n_tokens - 1:  # the tail: the last block_size targets, scoring only the new ones
+        offsets = torch.cat([offsets, torch.tensor([n_tokens - 1 - block_size])])
+        starts = torch.cat([starts, torch.tensor([full * block_size + 1])])
+    return EvalWindows(offsets, starts, block_size, seed)
+
+
+def mask_scored(y: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """``y`` (targets of windows at ``offsets``) with the targets before ``starts`` set to IGNORE_INDEX."""
+    positions = offsets[:, None] + 1 + torch.arange(y.shape[1])
+    return y.masked_fill(positions < starts[:, None], IGNORE_INDEX)

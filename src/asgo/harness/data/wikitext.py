@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from asgo.harness.data.fim import FIMDataset, FIMSentinels
-from asgo.harness.data.paths import DatasetError, dataset_error, output_dir, resolve_data_dir
+from asgo.harness.data.paths import DatasetError, dataset_error, output_dir, read_text_source, resolve_data_dir
 from asgo.harness.data.tokenizer import get_tokenizer, tokenizer_name
 from asgo.harness.data.tokens import META_FILE, LMData, TokenDataset, read_meta, write_meta, write_tokens
 
@@ -135,12 +135,14 @@ def prepare_wikitext2(data_dir: str | os.PathLike | None = None, tokenizer=None,
     out.mkdir(parents=True, exist_ok=True)
     counts, docs = {}, {}
     for split, path in paths.items():
-        documents = split_documents(path.read_text(encoding="utf-8"))
+        text = read_text_source(path, NAME, data_dir, "WikiText-2 as plain UTF-8 text, one line per line "
+                                "(as the Hugging Face rows); replace it, or delete it to download it again")
+        documents = split_documents(text)
         if not documents:
             raise dataset_error(NAME, data_dir, f"{path} holds no text")
         docs[split] = len(documents)
-        counts[split] = write_tokens(out / f"{split}.bin",
-                                     (tok.encode_ordinary(d) + [tok.eot_token] for d in documents))
+        encoded = [tok.encode_ordinary(d) + [tok.eot_token] for d in documents]
+        counts[split] = write_tokens(out / f"{split}.bin", encoded, total=sum(map(len, encoded)))
     sentinels = FIMSentinels.after(int(tok.n_vocab))
     write_meta(out, {
         "dataset": NAME, "vocab_size": int(tok.n_vocab), "tokenizer": tokenizer_name(tok),
