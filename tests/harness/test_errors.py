@@ -210,3 +210,32 @@ def test_documented_seed_command_has_the_authors_settings():
     tokens_per_step = t.batch_size * cfg.model.block_size * t.grad_accumulation * procs
     assert tokens_per_step == 262_144
     assert "262,144 tokens per step" in README.read_text()
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3380544 vs 3380436")])
+def test_a_full_disk_while_checkpointing_names_the_path_and_keeps_the_old_one(tmp_path, monkeypatch, failure):
+    from asgo.harness.checkpoint import CheckpointError, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"no space left .*checkpoint\.pt.*previous checkpoint there is kept"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+
+
+def test_resume_with_another_optimizer_is_refused_even_with_overrides():
+    from omegaconf import OmegaConf
+
+    from asgo.harness.train import resume_config_changes
+
+    old = OmegaConf.create({"optimizer": {"name": "asgo", "learning_rate": 0.01}})
+    new = OmegaConf.create({"optimizer": {"name": "muon", "learning_rate": 0.01}})
+    refused, overridable = resume_config_changes(OmegaConf.to_yaml(old), new)
+    assert refused == {"optimizer.name": ("asgo", "muon")} and overridable == {}

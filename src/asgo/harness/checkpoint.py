@@ -10,6 +10,7 @@ one process without a process group.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -39,10 +40,21 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"no space left on the device to write {path} ({free / 2**20:.1f} MiB "
+                                  f"free); any previous checkpoint there is kept") from e
         raise
     return path
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is a full disk: ENOSPC, or torch.save's zip writer failing on a short write."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
 
 
 def _torch_load(path: Path, what: str, map_location="cpu") -> dict:

@@ -169,18 +169,18 @@ def _resume_command(path: Path) -> str:
     return " ".join(["asgo-train", *overrides, f"train.resume={path}"])
 
 
-# Resume (train.resume) compares the checkpoint's config with this run's: a changed model.* or dataset.* key is
-# refused; these keys may differ freely (where and how the run logs, evaluates, checkpoints and runs, and how
+# Resume (train.resume) compares the checkpoint's config with this run's: a changed model.* or dataset.* key, or
+# another optimizer.name, is refused; these keys may differ freely (where and how the run logs, evaluates, checkpoints and runs, and how
 # long it trains); any other change (optimizer.*, the lr schedule's train.warmup_fraction/min_lr_ratio, batch,
 # clipping, seed, autocast) is refused too unless train.resume_overrides=true, which applies the new values to
 # the loaded optimizer param groups and schedule and logs them.
 RESUME_MAY_DIFFER = frozenset({
     "train.resume", "train.resume_overrides", "train.overwrite", "train.train_steps", "train.out_dir",
     "train.dataset_path", "train.init_from", "train.progress", "train.log_interval", "train.eval_interval",
-    "train.eval_batches", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
+    "train.eval_batches", "train.eval_batch_size", "train.eval_full", "train.tensorboard", "train.wandb", "train.wandb_project", "train.wandb_mode",
     "train.plot", "train.device", "train.parallel", "train.owner_compute", "train.checkpoint_interval",
     "train.checkpoint_minutes", "train.keep_checkpoints", "train.on_nonfinite"})
-RESUME_REFUSED = ("model", "dataset")  # sections whose change a resume always refuses
+RESUME_REFUSED = ("model", "dataset", "optimizer.name")  # whose change a resume always refuses
 RUN_OUTPUTS = ("checkpoint.pt", "checkpoint_dcp", "metrics.csv", "metrics.jsonl", "summary.json")
 _ABSENT = "<absent>"
 
@@ -212,7 +212,8 @@ def resume_config_changes(stored_yaml: str, cfg: DictConfig) -> tuple[dict, dict
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a == b or key in RESUME_MAY_DIFFER:
             continue
-        (refused if key.split(".")[0] in RESUME_REFUSED else overridable)[key] = (a, b)
+        always = key.split(".")[0] in RESUME_REFUSED or key in RESUME_REFUSED
+        (refused if always else overridable)[key] = (a, b)
     return refused, overridable
 
 
