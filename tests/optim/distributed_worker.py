@@ -54,6 +54,14 @@ def groups(params, name):
     return params
 
 
+def step_all(pairs, step: int) -> None:
+    """Give each ``(optimizer, parameters)`` pair step ``step``'s gradients and step it."""
+    for opt, params in pairs:
+        for p, g in zip(params, gradients(step)):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
 def check(condition: bool, what: str) -> None:
     if not condition:
         raise AssertionError(f"rank {dist.get_rank()}: {what}")
@@ -91,11 +99,7 @@ def main() -> None:
 
         local_opt, dist_opt = local(local_params), distributed(dist_params)
         for step in range(STEPS):
-            for ps in (local_params, dist_params):
-                for p, g in zip(ps, gradients(step)):
-                    p.grad = None if g is None else g.clone()
-            local_opt.step()
-            dist_opt.step()
+            step_all([(local_opt, local_params), (dist_opt, dist_params)], step)
             for i, (a, b) in enumerate(zip(local_params, dist_params)):
                 check(torch.equal(a, b), f"{name}: parameter {i} differs after step {step}")
         check(dist_opt.diagnostics() == local_opt.diagnostics(), f"{name}: diagnostics differ")
@@ -124,11 +128,7 @@ def main() -> None:
             ref_opt = local(ref_params)
             ref_opt.load_state_dict(copy.deepcopy(local_opt.state_dict()))
             for step in range(STEPS, STEPS + 3):
-                for qs in (ps, ref_params):
-                    for p, g in zip(qs, gradients(step)):
-                        p.grad = None if g is None else g.clone()
-                opt.step()
-                ref_opt.step()
+                step_all([(opt, ps), (ref_opt, ref_params)], step)
             for i, (a, b) in enumerate(zip(ps, ref_params)):
                 check(torch.equal(a, b), f"{name}: resumed parameter {i} differs ({make.__name__})")
 

@@ -366,14 +366,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
-        grads = self._gradients()
+        sharded = self._sharded() if self.process_group is not None else []
+        grads = self._gradients(sharded)
         updates, first_index = {}, 0
         for group in self.param_groups:
             buckets = self._collect(group, first_index, grads)
             updates.update(self._commit(group, buckets, self._compute(group, buckets)))
             first_index += len(group["params"])
         if self.process_group is not None:
-            updates = self._exchange(updates)
+            updates = self._exchange(updates, sharded)
         for group, p, d, ok, lr_scale in self._stepping(updates):
             apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"], ok)
         return loss
@@ -390,7 +391,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return [Sharded(i, self._owners[p], p.shape, self.state_dtype(p))
                 for i, _, p in self._indexed() if isinstance(p, DTensor) and p.grad is not None]
 
-    def _gradients(self) -> dict[int, Tensor]:
+    def _gradients(self, sharded: list[Sharded]) -> dict[int, Tensor]:
         """The full gradient of every parameter this rank computes; a row-sharded (DTensor)
         parameter's owner gathers its shards from every rank."""
         grads = {}
@@ -400,7 +401,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                                    f"parameter {i} of shape {tuple(p.shape)} has one")
             if p.grad is not None and self.owns(p) and not isinstance(p, DTensor):
                 grads[i] = p.grad
-        sharded = self._sharded()
         if sharded:
             local = {i: p.grad.to_local() for i, _, p in self._indexed()
                      if isinstance(p, DTensor) and p.grad is not None}
@@ -416,7 +416,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 local = p.to_local() if isinstance(p, DTensor) else p
                 yield group, local, d.view(local.shape), ok, lr_scale
 
-    def _exchange(self, updates: dict[int, tuple]) -> dict[int, tuple]:
+    def _exchange(self, updates: dict[int, tuple], sharded: list[Sharded]) -> dict[int, tuple]:
         """Owner-compute: every owner's directions and flags to every rank (a replicated
         parameter's whole, a sharded one's local rows)."""
         replicated = [Expected(i, self._owners[p], p.numel(), self.state_dtype(p), p.device)
@@ -425,7 +425,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
         out = {}
         if replicated:
             out.update(all_gather_updates(mine, replicated, self.process_group))
-        sharded = self._sharded()
         if sharded:
             out.update(scatter_sharded_updates(mine, sharded, _local_device(self), self.process_group))
         return {i: (d, ok, 1.0) for i, (d, ok) in out.items()}
@@ -610,15 +609,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
     def diagnostics(self) -> dict[str, int]:
         """Totals of the fault counters over all parameters (synchronises; call outside step;
         under a process group a collective over every rank's parameters)."""
-        totals = torch.zeros(len(self.COUNTERS), dtype=torch.int64)
+        totals = torch.zeros(len(self.COUNTERS), dtype=torch.int64, device=_local_device(self))
         for state in self.state.values():
-            for i, name in enumerate(self.COUNTERS):
-                if name in state:
-                    totals[i] += state[name].cpu()
+            if self.COUNTERS[0] in state:
+                totals += torch.stack([state[name] for name in self.COUNTERS]).to(totals.device)
         if self.process_group is not None:
-            totals = totals.to(self.param_groups[0]["params"][0].device)
             dist.all_reduce(totals, group=self.process_group)
-        return dict(zip(self.COUNTERS, totals.tolist()))
+        return dict(zip(self.COUNTERS, totals.tolist()))  # the one host sync
 
 
 def _full_like(p: Tensor) -> Tensor:
