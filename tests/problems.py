@@ -24,6 +24,19 @@ def least_squares(shape, seed=0, samples=64):
     return W0, grad, loss
 
 
+def scaled_least_squares(shape, scale, rank=None, seed=0):
+    """``least_squares(shape, seed)`` with gradients times ``scale`` (1e-3, 1e-4: realistic
+    gradient sizes); with ``rank``, data of rank ``rank``, so every gradient has rank ``rank``."""
+    W0, grad, loss = least_squares(shape, seed)
+    if rank is None:
+        return W0, lambda W: scale * grad(W), loss
+    g = torch.Generator().manual_seed(seed + 7)
+    X = torch.randn(64, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, shape[0], generator=g, dtype=torch.float64)
+    Y = torch.randn(64, shape[1], generator=g, dtype=torch.float64)
+    return W0, lambda W: scale * X.T @ (X @ W - Y) / 64, loss
+
+
 def run_optimizer(make_opt, W0, grad, steps, dtype=torch.float32):
     """Run ``steps`` steps of ``make_opt([W])`` with gradients ``grad(W)`` computed in float64
     and cast to ``dtype`` (so references see the same gradients); return float64 iterates."""

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from asgo.linalg import (
-    NEWTON_SCHULZ_INVERSE_SQRT_COEFFS, inverse_sqrt, orthogonalize, polar_express_coefficients)
+    INVERSE_SQRT_TOL, NEWTON_SCHULZ_INVERSE_SQRT_COEFFS, inverse_sqrt, orthogonalize,
+    polar_express_coefficients)
 
 METHODS = ("polar_express", "newton_schulz", "eigh")
 CONDS = (1.0, 1e2, 1e4, 1e6)
@@ -87,7 +88,7 @@ def polar(G: torch.Tensor) -> torch.Tensor:
 def test_inverse_sqrt_accuracy(key, cond_index, size):
     dtype, method, steps = key
     A = spd(size, CONDS[cond_index]).to(dtype)
-    X, ok = inverse_sqrt(A, method=method, steps=steps)
+    X, ok = inverse_sqrt(A, method=method, steps=steps, tol=None)
     assert X.dtype == dtype and X.shape == A.shape
     assert ok.shape == () and bool(ok)
     assert rel_err(X, reference(A)) < TOLERANCES[key][cond_index]
@@ -126,7 +127,7 @@ def test_inverse_sqrt_batched_equals_loop(method, dtype):
     s = 16
     A = torch.stack([torch.stack([spd(s, 10.0 ** (i + j), seed=4 * j + i) for i in range(4)])
                      for j in range(3)]).to(dtype)
-    X, ok = inverse_sqrt(A, method=method)
+    X, ok = inverse_sqrt(A, method=method, tol=None)
     assert X.shape == (3, 4, s, s) and ok.shape == (3, 4) and bool(ok.all())
     looped = torch.stack([torch.stack([inverse_sqrt(A[j, i], method=method)[0] for i in range(4)])
                           for j in range(3)])
@@ -176,7 +177,7 @@ def roundoff_delta(V) -> float:
 def test_inverse_sqrt_zero_matrix_is_finite(method, dtype):
     # The output is huge (1e22-1e23 in float32, 1e157-1e161 in float64: 1/sqrt(tiny) times the
     # iteration's null-space gain) but finite.
-    X, ok = inverse_sqrt(torch.zeros(2, 32, 32, dtype=dtype), method=method)
+    X, ok = inverse_sqrt(torch.zeros(2, 32, 32, dtype=dtype), method=method, tol=None)
     assert bool(torch.isfinite(X).all())
     assert ok.tolist() == [True, True]
 
@@ -185,7 +186,7 @@ def test_inverse_sqrt_zero_matrix_is_finite(method, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_inverse_sqrt_rank_deficient_is_finite(method, dtype):
     V, _ = rank_deficient(dtype)
-    X, ok = inverse_sqrt(V, method=method)
+    X, ok = inverse_sqrt(V, method=method, tol=None)
     assert bool(torch.isfinite(X).all())
     assert bool(ok)
 
@@ -206,7 +207,7 @@ _RANGE_TOL = {
 @pytest.mark.parametrize("method", METHODS)
 def test_inverse_sqrt_rank_deficient_projector_on_range(dtype, method):
     V, U = rank_deficient(dtype)
-    X, ok = inverse_sqrt(V, method=method)
+    X, ok = inverse_sqrt(V, method=method, tol=None)
     assert bool(ok)
     assert range_err(X, V, U) < _RANGE_TOL[(dtype, method)]
 
@@ -219,7 +220,7 @@ def test_inverse_sqrt_rank_deficient_projector_on_range(dtype, method):
 @pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
 def test_inverse_sqrt_rank_deficient_float32_20_steps_is_finite(method, rank):
     V, U = rank_deficient(F32, rank=rank)
-    X, ok = inverse_sqrt(V, method=method, steps=20)
+    X, ok = inverse_sqrt(V, method=method, steps=20, tol=None)
     assert bool(ok) and bool(torch.isfinite(X).all())
     assert torch.linalg.matrix_norm(X.to(F64), 2).item() < 1.1 / math.sqrt(roundoff_delta(V))
     if rank == 4:  # at rank 31 the damped root itself is far from the pseudo-inverse root
@@ -245,7 +246,7 @@ def ema_statistic(seed: int, s: int = 32, rank: int = 4, steps: int = 50):
     ("polar_express", 10), ("polar_express", 20), ("newton_schulz", 20)])
 def test_inverse_sqrt_accumulated_rank_deficient_statistic(method, steps):
     V, U = ema_statistic(0)
-    X, ok = inverse_sqrt(V, method=method, steps=steps, eps=1e-10)
+    X, ok = inverse_sqrt(V, method=method, steps=steps, eps=1e-10, tol=None)
     assert bool(ok)
     assert torch.linalg.matrix_norm(X.to(F64), 2).item() < 1.1 / math.sqrt(roundoff_delta(V))
     assert range_err(X, V, U) < 2e-3
@@ -276,7 +277,7 @@ def coupled_iteration(A, method, steps):
 @pytest.mark.parametrize("method", ["polar_express", "newton_schulz"])
 def test_inverse_sqrt_roundoff_damping_only_where_singular(method, dtype):
     A = torch.stack([spd(64, cond, seed=i) for i, cond in enumerate(CONDS)]).to(dtype)
-    X, ok = inverse_sqrt(A, method=method, eps=1e-10)
+    X, ok = inverse_sqrt(A, method=method, eps=1e-10, tol=None)
     assert bool(ok.all())
     assert torch.equal(X, coupled_iteration(A + 1e-10 * torch.eye(64, dtype=dtype), method, 10))
     V, _ = rank_deficient(dtype)
@@ -326,9 +327,88 @@ def test_inverse_sqrt_ok_has_batch_shape(method):
     assert torch.equal(ok, expected)
 
 
+def direction_errors(X, A) -> list[float]:
+    """Largest relative error of X in any eigen-direction of A, ||A^(1/4) X A^(1/4) - I||_2, per
+    matrix of the batch (float64 eigh of A)."""
+    evals, Q = torch.linalg.eigh(A.to(F64))
+    R = (Q * evals.clamp_min(0).pow(0.25).unsqueeze(-2)) @ Q.mT
+    E = R @ X.to(F64) @ R - torch.eye(A.shape[-1], dtype=F64)
+    return torch.linalg.matrix_norm(E, 2).tolist()
+
+
+OK_CONDS = (1.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e10, 1e14)
+
+
+# ok = finite and residual <= tol: every matrix flagged ok is within tol in every eigen-direction.
+# The flag is conservative in float32 (the round-off term eps ||A_d||_F ||X^2||_F): measured
+# (sizes 8, 64, 256, seeds 0-2) ok up to cond 1e3-1e4 where the error is at most 2e-3 (eigh),
+# 7e-5 (iterations); float64 ok up to 1e7 (PE-10), 1e5 (NS-10), 1e10 (NS-20, eigh; not 1e14). The
+# non-converged roots are refused: PE-10 float32 at cond 1e8 has error 0.94 (ok False, finite).
+@pytest.mark.parametrize("size", [8, 64])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("method,steps", [
+    ("polar_express", 10), ("newton_schulz", 10), ("newton_schulz", 20), ("eigh", 10)])
+def test_inverse_sqrt_ok_means_accurate_to_tol(method, steps, dtype, size):
+    A = torch.stack([spd(size, c, seed=i) for i, c in enumerate(OK_CONDS)]).to(dtype)
+    X, ok = inverse_sqrt(A, method=method, steps=steps)
+    _, finite = inverse_sqrt(A, method=method, steps=steps, tol=None)
+    errors = direction_errors(X, A)
+    assert all(e <= INVERSE_SQRT_TOL for e, accurate in zip(errors, ok.tolist()) if accurate)
+    assert ok[:2].all()  # cond 1 and 1e2 are accepted by every method
+    assert bool(finite.all()) and not bool(ok.all())  # finite is not enough: some are refused
+    X, ok = inverse_sqrt(A, method=method, steps=steps, tol=1e-9 if dtype == F64 else 1e-4)
+    assert all(e <= (1e-9 if dtype == F64 else 1e-4) for e, a in zip(direction_errors(X, A),
+                                                                        ok.tolist()) if a)
+
+
+def test_inverse_sqrt_ok_refuses_non_converged_polar_express():
+    """The case of issue 12: PE-10 in float32 at cond 1e8 is finite but 0.94 off."""
+    A = spd(64, 1e8).float()
+    X, ok = inverse_sqrt(A)
+    assert direction_errors(X[None], A[None])[0] > 0.5
+    assert not bool(ok)
+    assert bool(inverse_sqrt(A, tol=None)[1])
+
+
+def indefinite(dtype, negative: float):
+    """64 x 64, eigenvalues log-spaced in [1e-2, 1] but one equal to ``negative``."""
+    evals = torch.logspace(0, -2, 64, dtype=F64)
+    evals[-1] = negative
+    Q = random_orthogonal(64, 3)
+    return ((Q * evals) @ Q.T).to(dtype)
+
+
+# Indefinite input (an eigenvalue at -1e-6, -1e-3 or -0.5 of lambda_max): no method returns an
+# accurate root, and every one says so. Under tol=None eigh (which floors the negative eigenvalue)
+# and the iterations (damped, truncated) still come out finite.
+@pytest.mark.parametrize("negative", [-1e-6, -1e-3, -0.5])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("method", METHODS)
+def test_inverse_sqrt_ok_is_false_for_indefinite_input(method, dtype, negative):
+    A = torch.stack([indefinite(dtype, negative), spd(64, 10.0).to(dtype)])
+    _, ok = inverse_sqrt(A, method=method)
+    assert ok.tolist() == [False, True]
+    if method == "eigh":
+        assert bool(inverse_sqrt(A, method=method, tol=None)[1].all())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inverse_sqrt_ok_without_host_sync(method, monkeypatch):
+    A = torch.stack([spd(16, 10.0), spd(16, 1e8)]).float()
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("host sync")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__"):
+            patch.setattr(torch.Tensor, name, host_sync)
+        _, ok = inverse_sqrt(A, method=method)
+    assert ok.tolist() == [True, False]
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(method="cholesky"), dict(method="svd"), dict(steps=0), dict(steps=-1),
-    dict(eps=-1e-6), dict(method="eigh", eps=-1.0),
+    dict(eps=-1e-6), dict(method="eigh", eps=-1.0), dict(tol=0.0), dict(tol=-1e-3),
 ], ids=str)
 def test_inverse_sqrt_invalid_arguments(kwargs):
     with pytest.raises(ValueError):

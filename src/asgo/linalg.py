@@ -1,7 +1,8 @@
 """Matrix functions shared by the optimizers: inverse square roots and orthogonalisation.
 
 Every function is batched over leading dimensions, does its maths in float32 whatever the
-input dtype (float64 stays float64) and never synchronises with the host.
+input dtype (float64 stays float64) and reads no value on the host; the one synchronisation is
+inside ``torch.linalg.eigh`` on CUDA (``method='eigh'``), which checks its result.
 
 Both iterations below apply an odd polynomial ``p(x) = a x + b x^3 + c x^5`` to the singular
 values (orthogonalisation) or to ``sqrt(z * y)`` in each eigen-direction (the coupled
@@ -59,6 +60,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# inverse_sqrt's ok: the residual (an estimate of the largest relative error of the root in any
+# eigen-direction, see inverse_sqrt) is at most this.
+INVERSE_SQRT_TOL = 1e-2
+
+
 def _check_square(A: Tensor, name: str) -> None:
     if A.ndim < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"{name} must be a (batch of) square matrices, got shape {tuple(A.shape)}")
@@ -80,6 +86,7 @@ def inverse_sqrt(
     method: InverseSqrtMethod = "polar_express",
     steps: int = 10,
     eps: float = 0.0,
+    tol: float | None = INVERSE_SQRT_TOL,
 ) -> tuple[Tensor, Tensor]:
     """Inverse square root ``(A + eps I)^(-1/2)`` of symmetric PSD matrices ``A`` of shape (..., s, s).
 
@@ -114,10 +121,23 @@ def inverse_sqrt(
     ``delta / c`` (the number of steps acts as a hidden damping).
 
     Returns ``(X, ok)``: ``X`` in float32 (float64 for float64 input) and a boolean tensor of shape
-    ``A.shape[:-2]`` telling which matrices came out finite, computed without a host sync. A
-    matrix with a non-finite entry is replaced by zeros before the root (so one overflowed
-    statistic neither raises in ``torch.linalg.eigh`` nor costs the rest of the batch), its
-    ``X`` is NaN and its ``ok`` False.
+    ``A.shape[:-2]``, computed without a host sync. ``ok`` is True where ``X`` is finite and
+    ``residual <= tol``; ``tol=None`` checks finiteness only (what the optimizers use: their
+    truncated roots of rank-deficient statistics are meant to be inexact). The residual bounds
+    the largest relative error of ``X`` in any eigen-direction of ``A_d``,
+    ``max_i |x_i sqrt(lambda_i) - 1|`` (tested against float64 eigh up to cond 1e14):
+
+        residual = ||Z_K Y_K - I||_F + finfo.eps ||A_d||_F ||X^2||_F    (iterations; inf if delta > 0)
+        residual = finfo.eps ||A_d||_F ||X^2||_F                        (eigh)
+
+    In exact arithmetic ``Z_K Y_K = x_K^2`` in each eigen-direction, so the first term bounds
+    the truncation error (``|x - 1| <= |x^2 - 1|``); the second, about ``finfo.eps`` times the
+    condition number, bounds the round-off and is conservative (float32 with the default
+    ``tol = 1e-2``: ok up to cond 1e3-1e4, where the measured error is at most 2e-3). Indefinite
+    input is never ok (``delta > 0``; eigh's floor makes the residual at least 1). The check costs
+    one or two extra matrix products. A matrix with a non-finite entry is replaced by zeros
+    before the root (so one overflowed statistic neither raises in ``torch.linalg.eigh`` nor
+    costs the rest of the batch), its ``X`` is NaN and its ``ok`` False.
     """
     _check_square(A, "A")
     if method not in INVERSE_SQRT_METHODS:
@@ -126,6 +146,8 @@ def inverse_sqrt(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0 or None, got {tol}")
 
     A = A.to(compute_dtype(A.dtype))
     finite = _is_finite(A)[..., None, None]
@@ -134,15 +156,23 @@ def inverse_sqrt(
     if eps:
         A = A + eps * eye
     if method == "eigh":
-        X = _inverse_sqrt_eigh(A)
+        X, residual = _inverse_sqrt_eigh(A), 0.0
     else:
-        X = _inverse_sqrt_coupled(A + _roundoff_damping(A, eye) * eye, eye, method, steps)
+        delta = _roundoff_damping(A, eye)
+        X, residual = _inverse_sqrt_coupled(A + delta * eye, eye, method, steps, tol is not None)
     X = torch.where(finite, X, torch.nan)
-    return X, _is_finite(X)
+    ok = _is_finite(X)
+    if tol is None:
+        return X, ok
+    if method != "eigh":  # A_d singular to working precision: no accurate root exists
+        residual = torch.where(delta[..., 0, 0] == 0, residual, torch.inf)
+    residual = residual + torch.finfo(A.dtype).eps * (
+        torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(X @ X))
+    return X, ok & (residual <= tol)
 
 
-# Round-off damping, in units of finfo.eps * ||A||_F: the floor inverse_fourth_root always adds
-# and inverse_sqrt's iterations add to matrices whose smallest eigenvalue is below
+# Round-off damping, in units of finfo.eps * ||A||_F: the floor of inverse_fourth_root's damping,
+# and what inverse_sqrt's iterations add to matrices whose smallest eigenvalue is below
 # ROUNDOFF_GATE units (see inverse_sqrt).
 ROUNDOFF_DAMPING = 16.0
 ROUNDOFF_GATE = 0.25
@@ -163,7 +193,9 @@ def _inverse_sqrt_eigh(A: Tensor) -> Tensor:
     return (evecs * evals.clamp_min(floor).rsqrt().unsqueeze(-2)) @ evecs.mT
 
 
-def _inverse_sqrt_coupled(A: Tensor, eye: Tensor, method: str, steps: int) -> Tensor:
+def _inverse_sqrt_coupled(A: Tensor, eye: Tensor, method: str, steps: int,
+                          residual: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The root and, if ``residual``, ``||Z_K Y_K - I||_F`` (else None)."""
     scale = torch.linalg.matrix_norm(A, keepdim=True)
     if method == "polar_express":
         scale = scale * _POLAR_EXPRESS_SAFETY
@@ -175,22 +207,64 @@ def _inverse_sqrt_coupled(A: Tensor, eye: Tensor, method: str, steps: int) -> Te
         B = b * ZY + c * (ZY @ ZY)
         Y = a * Y + Y @ B
         Z = a * Z + B @ Z
-    return Z / scale.sqrt()
+    return Z / scale.sqrt(), torch.linalg.matrix_norm(Z @ Y - eye) if residual else None
+
+
+def inverse_sqrt_official(
+    A: Tensor, *, method: str = "polar_express", steps: int = 10, eps: float = 1e-10,
+) -> tuple[Tensor, Tensor]:
+    """The ASGO authors' inverse square root of ``A`` (..., s, s), their eps placement and no
+    other damping (``asgo.ASGO(compat='official')``): with ``c`` below, ``Z_0 = I`` and the
+    coupled iteration of :func:`inverse_sqrt` for ``steps`` steps, ``X = Z_K / sqrt(c)``.
+
+    * ``'polar_express'``: ``c = 1.01 ||A + eps I||_F``, ``Y_0 = A / c`` (eps only in the norm).
+    * ``'newton_schulz'``: ``c = ||A||_F``, ``Y_0 = (A + eps I) / (c + eps)``.
+
+    Computed in float32 (float64 for float64 input), without a host sync. Returns ``(X, ok)``
+    with ``ok`` telling only which ``X`` came out finite (their code replaces a non-finite root
+    by the identity): on a matrix singular to working precision the root is finite but far from
+    any inverse root (see docs/linalg.md).
+    """
+    _check_square(A, "A")
+    if method not in ("polar_express", "newton_schulz"):
+        raise ValueError(f"method must be 'polar_express' or 'newton_schulz', got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    A = A.to(compute_dtype(A.dtype))
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    if method == "polar_express":
+        scale = _POLAR_EXPRESS_SAFETY * torch.linalg.matrix_norm(A + eps * eye, keepdim=True)
+        Y = A / scale
+    else:
+        scale = torch.linalg.matrix_norm(A, keepdim=True)
+        Y = (A + eps * eye) / (scale + eps)
+    Z = eye.expand_as(A)
+    for a, b, c in _coefficients(method, steps, NEWTON_SCHULZ_INVERSE_SQRT_COEFFS):
+        ZY = Z @ Y
+        B = b * ZY + c * ZY @ ZY
+        Y = a * Y + Y @ B
+        Z = a * Z + B @ Z
+    X = Z / scale.sqrt()
+    return X, _is_finite(X)
 
 
 def inverse_fourth_root(
     A: Tensor, *, method: str = "polar_express", steps: int = 10, eps: float = 0.0,
+    relative: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(A + delta I)^(-1/4)`` of symmetric PSD matrices ``A`` (..., s, s), with the damping
 
-        delta = eps + 16 * finfo.eps * ||A||_F
+        delta = max(eps, 16 finfo.eps ||A||_F)       relative=False (eps absolute)
+        delta = max(eps, 16 finfo.eps) ||A||_F       relative=True
 
-    ``eps`` is absolute; the second term is the round-off floor of the compute dtype (float32:
-    ``1.9e-6 ||A||_F``, float64: ``3.6e-15 ||A||_F``). An EMA of ``G G^T`` accumulated in float32
-    is only known to about ``2 finfo.eps ||A||_F`` (measured: its smallest eigenvalue reaches
-    ``-2.2 finfo.eps ||A||_F`` when ``A`` is rank-deficient), so without the floor a tiny
-    absolute ``eps`` such as 1e-10 leaves round-off eigenvalues, possibly negative, that the inverse
-    root amplifies or on which the iterations diverge.
+    so ``delta`` is exactly ``eps`` (or ``eps ||A||_F``) whenever that is above the round-off
+    floor ``16 finfo.eps ||A||_F`` of the compute dtype (float32: ``1.9e-6 ||A||_F``, float64:
+    ``3.6e-15 ||A||_F``). An EMA of ``G G^T`` accumulated in float32 is only known to about
+    ``2 finfo.eps ||A||_F`` (measured: its smallest eigenvalue reaches ``-2.2 finfo.eps ||A||_F``
+    when ``A`` is rank-deficient), so a damping below the floor would leave round-off
+    eigenvalues, possibly negative, that the inverse root amplifies or on which the iterations
+    diverge. A matrix whose ``delta`` would be 0 (``A = 0`` with ``relative`` or ``eps = 0``)
+    gets ``delta = 1``: its root is the identity, as before any statistic.
 
     * ``method='eigh'``: one ``torch.linalg.eigh`` of ``A_d = A + delta I``, eigenvalues clamped
       at ``delta`` against round-off, raised to the power -1/4.
@@ -217,17 +291,20 @@ def inverse_fourth_root(
     A = A.to(compute_dtype(A.dtype))
     finite = _is_finite(A)
     A = torch.where(finite[..., None, None], A, 0)
-    damping = eps + ROUNDOFF_DAMPING * torch.finfo(A.dtype).eps * torch.linalg.matrix_norm(
-        A, keepdim=True)
+    floor = ROUNDOFF_DAMPING * torch.finfo(A.dtype).eps
+    norm = torch.linalg.matrix_norm(A, keepdim=True)
+    damping = max(eps, floor) * norm if relative else (floor * norm).clamp_min(eps)
+    damping = torch.where(damping > 0, damping, 1.0)
     A = A + damping * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     if method == "eigh":
         evals, evecs = torch.linalg.eigh(A)
         root = (evecs * evals.clamp_min(damping[..., 0]).pow(-0.25).unsqueeze(-2)) @ evecs.mT
         return 0.5 * (root + root.mT), finite & _is_finite(root)
-    X, ok = inverse_sqrt(A, method=method, steps=steps)
+    X, ok = inverse_sqrt(A, method=method, steps=steps, tol=None)
     X = 0.5 * (X + X.mT)
     ok = ok & finite
-    Y, ok_y = inverse_sqrt(torch.where(ok[..., None, None], X, 0), method=method, steps=steps)
+    Y, ok_y = inverse_sqrt(torch.where(ok[..., None, None], X, 0), method=method, steps=steps,
+                           tol=None)
     root = X @ Y
     root = 0.5 * (root + root.mT)
     return root, ok & ok_y & _is_finite(root)

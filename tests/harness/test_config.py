@@ -52,6 +52,8 @@ def test_every_hyperparameter_reaches_the_optimizer(name):
     opt = optimizer_from_config(Model(), cfg, train_steps=100)
     groups = [g for g in opt.param_groups if g["algorithm"] == name and g.get("weight_decay") == cfg.get("weight_decay")]
     assert groups, opt.param_groups
+    if cfg.get("inner") == "adamw":  # the routed group's 'momentum' is then betas[0] (cycled by schedulers)
+        changed.pop("momentum", None)
     for key, value in changed.items():
         group_key = "lr" if key == "learning_rate" else key
         assert all(g[group_key] == value for g in groups), key
@@ -135,6 +137,15 @@ def test_nullable_values_and_library_errors():
     with pytest.raises(ValueError, match=r"^optimizer config for 'asgo': invalid optimizer\.momentum: 2") as e:
         optimizer_from_config(Model(), cfg, train_steps=10)
     assert isinstance(e.value.__cause__, ValueError)
+
+
+def test_a_dtype_is_given_by_name():
+    cfg = compose_config("optimizer=muon", "+optimizer.ns_dtype=float32").optimizer
+    opt = optimizer_from_config(Model(), cfg, train_steps=10)
+    assert {g["ns_dtype"] for g in opt.param_groups if g["algorithm"] == "muon"} == {torch.float32}
+    cfg = compose_config("optimizer=muon", "+optimizer.ns_dtype=float33").optimizer
+    with pytest.raises(ConfigError, match=r"^optimizer\.ns_dtype: expected a torch dtype name"):
+        optimizer_from_config(Model(), cfg, train_steps=10)
 
 
 def test_seed_readme_overrides_compose():

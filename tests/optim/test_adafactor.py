@@ -209,7 +209,7 @@ def test_beta2_first_is_where_the_default_departs_from_torch():
 def test_defaults_are_algorithm_1():
     d = Adafactor([torch.nn.Parameter(torch.zeros(2, 3))]).defaults
     assert d == dict(lr=1e-2, c=1.0, lr_decay=0.0, eps1=1e-30, clip_threshold=1.0, clip_alpha=None,
-                     momentum=None, weight_decay=0.0, beta2_first=0.5)
+                     momentum=None, weight_decay=0.0, beta2_first=0.5, transposed=False)
 
 
 def test_accepts_vectors_scalars_and_embeddings_with_factored_state():

@@ -50,6 +50,9 @@ ROWS = {
     "shampoo_newton_schulz_no_grafting": Row(optim.Shampoo, dict(root_method="newton_schulz",
                                                                  grafting="none", lr=1e-3),
                                              step_free=True, root="left_root"),
+    "shampoo_relative_eps_pre_start_grafting": Row(optim.Shampoo, dict(
+        relative_eps=True, eps=1e-5, precondition_frequency=2, start_preconditioning_step=3,
+        pre_start_update="grafting"), root="left_root"),
     "adafactor": Row(optim.Adafactor, vectors=True),
     "adafactor_clip_momentum": Row(optim.Adafactor, dict(clip_alpha=2.0, momentum=0.9), vectors=True),
     "adafactor_schedules": Row(optim.Adafactor, dict(c=0.8, lr_decay=0.5, clip_alpha=2.0, momentum=0.9,
@@ -58,6 +61,7 @@ ROWS = {
     "muon_polar_express": Row(optim.Muon, dict(orthogonalize_method="polar_express", nesterov=False),
                               overflow_skipped=False),
     "galore": Row(optim.GaLore, dict(rank=2, update_proj_gap=3)),
+    "galore_full": Row(optim.GaLore, dict(rank=2, update_proj_gap=3, proj_type="full")),
     "galore_sgd": Row(optim.GaLore, dict(rank=3, update_proj_gap=2, inner="sgd", momentum=0.9),
                       overflow_skipped=False),
     # GoLore's random bases are seeded by the parameter's index: alone, a matrix draws another one.
@@ -66,10 +70,11 @@ ROWS = {
 
 # Each (argument, value) raises ValueError("invalid <argument>: <value>, expected ...").
 COMMON_BAD = [("lr", -1.0), ("lr", float("nan")), ("lr", "0.1"), ("weight_decay", -0.1),
-              ("momentum", 1.0), ("momentum", -0.1), ("momentum", "abc")]
+              ("momentum", 1.0), ("momentum", -0.1), ("momentum", "abc"), ("transposed", 1),
+              ("transposed", None)]
 GALORE_BAD = [
     ("rank", 0), ("rank", 2.5), ("update_proj_gap", 0), ("update_proj_gap", 1.5), ("scale", 0.0),
-    ("proj_type", "reverse_std"), ("proj_type", "up"), ("inner", "adafactor"), ("inner", "lion"),
+    ("proj_type", "reverse"), ("proj_type", "up"), ("inner", "adafactor"), ("inner", "lion"),
     ("betas", (0.9,)), ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("eps", 0.0),
     ("dampening", 1.5), ("nesterov", "yes"), ("nesterov", 1), ("golore_fraction", 1.5),
     ("golore_fraction", -0.1), ("total_steps", 0), ("seed", -1), ("seed", 1.5),
@@ -86,7 +91,8 @@ BAD_ARGUMENTS = {
         ("beta2", 1.0), ("beta2", -0.5), ("eps", 0.0), ("eps", -1e-8), ("precondition_frequency", 0),
         ("precondition_frequency", 2.5), ("start_preconditioning_step", 0), ("root_method", "svd"),
         ("root_method", "qr"), ("root_steps", 0), ("grafting", "sgd"), ("grafting_eps", 0.0),
-        ("max_preconditioner_dim", 0), ("max_preconditioner_dim", 512.0)],
+        ("max_preconditioner_dim", 0), ("max_preconditioner_dim", 512.0), ("relative_eps", 1),
+        ("relative_eps", "yes"), ("pre_start_update", "adam"), ("pre_start_update", None)],
     optim.Muon: COMMON_BAD + [
         ("nesterov", 1), ("ns_coefficients", (1.0, 2.0)), ("ns_coefficients", (1.0, float("nan"), 0.0)),
         ("eps", 0.0), ("eps", -1e-7), ("ns_steps", 0), ("ns_steps", 2.5), ("adjust_lr_fn", "sqrt"),
@@ -264,6 +270,35 @@ def test_a_state_dict_without_a_hyperparameter_is_refused():
     old["param_groups"][0]["beta1"] = old["param_groups"][0].pop("momentum")  # asgo 0.1's name
     with pytest.raises(ValueError, match=r"no hyper-parameter \['momentum'\].*another version"):
         opt.load_state_dict(old)
+
+
+@pytest.mark.parametrize("cls", sorted(BAD_ARGUMENTS, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_a_state_dict_from_before_the_later_hyperparameters_loads(cls):
+    """A checkpoint written before ``transposed``/``compat``/... existed keeps the values the
+    optimizer was built with, and resumes exactly as the full state_dict does."""
+    from asgo.optim._base import LATER_HYPERPARAMETERS
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    opt = cls([w], transposed=True)
+    w.grad = torch.randn(6, 4) * 1e-3
+    opt.step()
+    full = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(full)
+    later = [k for k in LATER_HYPERPARAMETERS if k in old["param_groups"][0]]
+    assert "transposed" in later
+    for key in later:
+        del old["param_groups"][0][key]
+    copies = []
+    for state_dict in (full, old):
+        v = torch.nn.Parameter(w.detach().clone())
+        fresh = cls([v], transposed=True)
+        fresh.load_state_dict(state_dict)
+        assert fresh.param_groups[0]["transposed"] is True
+        v.grad = torch.ones(6, 4) * 1e-3
+        fresh.step()
+        copies.append(v)
+    assert torch.equal(copies[0], copies[1])
 
 
 # --- parameters and gradients -------------------------------------------------------------------

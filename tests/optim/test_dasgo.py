@@ -24,7 +24,8 @@ def test_matches_float64_reference(shape, update_rms, dtype, tol_step):
 
 def test_defaults_are_the_authors_values():
     d = asgo.DASGO([torch.nn.Parameter(torch.zeros(2, 3))]).defaults
-    assert d == dict(lr=1e-2, momentum=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, update_rms=0.2)
+    assert d == dict(lr=1e-2, momentum=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, update_rms=0.2,
+                     transposed=False)
 
 
 def test_state_is_momentum_plus_one_vector():

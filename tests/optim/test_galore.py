@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 from golore_counterexample import CounterExample
-from problems import fit_with_closure, least_squares, rel_err, two_layer_regression
+from problems import fit_with_closure, least_squares, rel_err, scaled_least_squares, two_layer_regression
 
 from asgo.optim.galore import (
     GaLore,
@@ -12,6 +12,7 @@ from asgo.optim.galore import (
     basis_seed,
     golore_switch_step,
     random_orthonormal,
+    top_singular_pairs,
     top_singular_vectors,
 )
 from asgo.optim.reference import galore_step
@@ -102,6 +103,112 @@ def test_rank_is_clamped_to_the_smaller_dimension():
     assert opt.state[params[0]]["exp_avg"].shape == (6, 10)  # left: (r, n)
     assert opt.state[params[1]]["exp_avg"].shape == (6, 10)  # right: (r, m)
     assert opt.state[params[2]]["exp_avg"].shape == (6, 6)   # forced left on a tall matrix: (r, n)
+
+
+# (a') galore-torch's 'reverse_std' and 'full' projections ----------------------------------------
+
+NEW_PROJECTIONS = [((6, 10), "reverse_std"), ((10, 6), "reverse_std"), ((8, 8), "reverse_std"),
+                   ((6, 10), "full"), ((10, 6), "full")]
+
+
+def projector_shapes(shape, proj_type, r):
+    """(projector, right projector or None, moments) shapes: reverse_std projects the long side."""
+    m, n = shape
+    if proj_type == "full":
+        return (m, r), (n, r), (r, r)
+    return ((m, r), None, (r, n)) if m >= n else ((n, r), None, (r, m))
+
+
+@pytest.mark.parametrize("rank", [None, 2], ids=["full_rank", "rank2"])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-4])
+@pytest.mark.parametrize("basis", ["galore", "golore"])
+@pytest.mark.parametrize("shape,proj_type", NEW_PROJECTIONS)
+@pytest.mark.parametrize("inner", INNER)
+def test_new_projections_match_float64_reference(inner, shape, proj_type, basis, scale, rank):
+    """Gradients of size ``scale`` (AdamW's eps matters at 1e-4), full rank with r = 3 or rank 2
+    with r = 2 (r above the gradient's rank leaves SVD basis vectors that are any orthonormal
+    completion: the run then depends on the SVD backend); the basis changes every 2 steps,
+    moments re-projected. Measured: within 1e-12, except 'full' with AdamW and SVD bases: 1e-7
+    at scale 1, as right after a refresh ``P^T G Q`` is diagonal up to round-off, which
+    AdamW's first step divides by ``|.| + eps``."""
+    W0, grad, _ = scaled_least_squares(shape, scale, rank)
+    if rank is not None:
+        assert torch.linalg.matrix_rank(grad(W0)) == rank
+    r = 3 if rank is None else rank
+    hp = dict(INNER[inner], rank=r, update_proj_gap=2, proj_type=proj_type, lr=0.05, scale=0.5,
+              seed=7, golore_fraction=1.0 if basis == "golore" else 0.0)
+    ref = run_reference(galore_step, W0, grad, 7, **hp)
+    got, opt = run(lambda p: GaLore(p, **hp), W0, grad, 7)
+    tol = 5e-7 if (inner, proj_type, basis) == ("adamw", "full", "galore") else 1e-10
+    for t in range(7):
+        assert rel_err(got[t] - W0, ref[t] - W0) < tol, t
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    P, Q, moments = projector_shapes(shape, proj_type, r)
+    assert state["projector"].shape == P
+    assert ("right_projector" in state) == (Q is not None)
+    if Q is not None:
+        assert state["right_projector"].shape == Q
+    assert state["exp_avg" if inner == "adamw" else "momentum_buffer"].shape == moments
+    if inner == "adamw":  # AdamW is not rotation invariant: the projected sides matter
+        other = dict(hp, proj_type="std" if proj_type == "reverse_std" else "left")
+        other = run_reference(galore_step, W0, grad, 7, **other)
+        assert rel_err(other[-1] - W0, ref[-1] - W0) > 0.1  # measured: 0.56 or more
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-4])
+@pytest.mark.parametrize("basis", ["galore", "golore"])
+@pytest.mark.parametrize("shape,proj_type", NEW_PROJECTIONS)
+def test_new_projections_float32_follow_the_reference(shape, proj_type, basis, scale):
+    """float32 parameters and state, rank-2 gradients, r = 2. Measured: at most 5e-6, except
+    'full' with SVD bases: 4.7e-3 (scale 1e-3) and 7.2e-4 (1e-4), float32 round-off in the
+    off-diagonal of ``P^T G Q`` after a refresh, divided by ``|.| + eps`` at AdamW's next step."""
+    W0, grad, _ = scaled_least_squares(shape, scale, rank=2)
+    hp = dict(INNER["adamw"], rank=2, update_proj_gap=3, proj_type=proj_type, lr=0.02,
+              golore_fraction=float(basis == "golore"))
+    ref = run_reference(galore_step, W0, grad, 8, **hp)
+    got, _ = run(lambda p: GaLore(p, **hp), W0, grad, 8, torch.float32)
+    W0 = W0.float().double()
+    tol = 1e-2 if (proj_type, basis) == ("full", "galore") else 1e-5
+    for t in range(8):
+        assert rel_err(got[t] - W0, ref[t] - W0) < tol, t
+
+
+def galore_torch_project_back(G, rank, proj_type):
+    """galore-torch's ``GaLoreProjector.project_back(project(G))`` (``scale=1``), transcribed for
+    ``'reverse_std'`` and ``'full'`` (``get_orthogonal_matrix``: ``U[:, :r]``, ``Vh[:r]``)."""
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    A, B = U[:, :rank], Vh[:rank, :]
+    if proj_type == "full":
+        return A @ (A.T @ G @ B.T) @ B
+    if G.shape[0] >= G.shape[1]:
+        low = A.T @ G
+        return A @ low if low.shape[0] <= low.shape[1] else low @ A
+    low = G @ B.T
+    return B.T @ low if low.shape[0] <= low.shape[1] else low @ B
+
+
+@pytest.mark.parametrize("shape,proj_type", NEW_PROJECTIONS + [((12, 5), "reverse_std")])
+def test_first_step_is_galore_torch_projection(shape, proj_type):
+    """With the plain inner step (sgd, no momentum) one step moves W by ``lr`` times galore-torch's
+    projected-back gradient: the same sides and bases (sign-independent)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64))
+    W0, G = W.detach().clone(), 1e-3 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    opt = GaLore([W], rank=3, proj_type=proj_type, inner="sgd", lr=0.5)
+    W.grad = G.clone()
+    opt.step()
+    expected = galore_torch_project_back(G, 3, proj_type)
+    assert rel_err(W.detach() - W0, -0.5 * expected) < 1e-12
+    assert rel_err(expected, G) > 0.1  # rank 3 < min(m, n): a real projection
+
+
+def test_full_bases_are_sign_paired_singular_vectors():
+    G = torch.randn(7, 12, dtype=torch.float64)
+    P, Q = top_singular_pairs(G, 3)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    torch.testing.assert_close(P.T @ G @ Q, torch.diag(S[:3]), rtol=0, atol=1e-12)
+    assert torch.equal(P, top_singular_vectors(G, 3))
+    assert (P.gather(0, P.abs().argmax(0, keepdim=True)) > 0).all()
 
 
 # (b) full-rank equivalences ---------------------------------------------------------------------
@@ -295,6 +402,12 @@ MAKERS = {
     "golore50_sgd": lambda ps, **kw: GaLore(ps, rank=3, update_proj_gap=2, lr=0.01, inner="sgd",
                                             momentum=0.9, golore_fraction=0.5, total_steps=10, **kw),
     "golore_adamw_right": lambda ps, **kw: GoLore(ps, rank=2, update_proj_gap=3, proj_type="right", **kw),
+    "galore_full_sgd": lambda ps, **kw: GaLore(ps, rank=3, update_proj_gap=2, lr=0.01, proj_type="full",
+                                               inner="sgd", momentum=0.9, **kw),
+    "golore50_full_adamw": lambda ps, **kw: GaLore(ps, rank=2, update_proj_gap=2, proj_type="full",
+                                                   golore_fraction=0.5, total_steps=10, **kw),
+    "golore_reverse_std": lambda ps, **kw: GoLore(ps, rank=2, update_proj_gap=3, proj_type="reverse_std",
+                                                  **kw),
 }
 
 

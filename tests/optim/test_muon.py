@@ -2,42 +2,87 @@ import io
 
 import pytest
 import torch
-from problems import least_squares, rel_err, run_optimizer
+from problems import least_squares, rel_err, run_optimizer, scaled_least_squares
 
 import asgo
 from asgo.optim import muon as muon_module
 from asgo.optim.muon import Muon
 from asgo.optim.reference import muon_step
 from asgo.optim.reference import run as run_reference
+from torch.optim._muon import _zeropower_via_newtonschulz  # torch's iteration, to compare bitwise
 
 SHAPES = [(8, 32), (32, 8), (16, 16)]
 HPARAMS = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
 
-# Largest relative gap to torch.optim.Muon over 10 steps on SHAPES (both nesterov, both
-# adjust_lr_fn), of the iterates W_t and of the displacement W_t - W_0, measured on CPU (torch 2.13):
-#   ns_dtype=bfloat16: iterates 7.0e-3, displacement 4.9e-2. Both iterations run in bfloat16 but
-#     torch fuses b A + c A^2 and a X + B X into addmm (one rounding each) while
-#     asgo.linalg.orthogonalize rounds every product and sum, so the two differ by bfloat16
-#     round-off (~3.5e-2 per call), as much as torch's iteration differs from exact arithmetic.
-#   ns_dtype=None (float32): iterates 3.2e-3, displacement 1.9e-2 (torch's bfloat16 round-off).
-TORCH_TOLERANCES = {torch.bfloat16: (1.5e-2, 8e-2), None: (6e-3, 3e-2)}
+SCALES = [1.0, 1e-3, 1e-4]
+# With torch's settings the iterates equal torch.optim.Muon's bit for bit (CPU, torch 2.13). The
+# relative tolerance the issue asks for, 1e-4 on W_t - W_0 over 10 steps, would also catch an
+# ignored Nesterov term: that moves it to 3.2e-2..4.7e-2 (measured).
+TORCH_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+def run_both(hp, ours, scale, rank=None, steps=10):
+    """``steps`` steps of ``torch.optim.Muon(**hp)`` and ``Muon(**ours)``, each on one list of
+    matrices (two of each of SHAPES, so same shapes are batched), gradients of size ``scale``
+    (rank ``rank``). Returns the float64 iterates of both, and the starting points."""
+    problems = [scaled_least_squares(shape, scale, rank, seed=seed)
+                for seed, shape in enumerate(SHAPES + SHAPES)]
+
+    def run(make):
+        Ws = [torch.nn.Parameter(W0.float().clone()) for W0, _, _ in problems]
+        opt, iterates = make(Ws), []
+        for _ in range(steps):
+            for W, (_, grad, _) in zip(Ws, problems):
+                W.grad = grad(W.detach().double()).float()
+            opt.step()
+            iterates.append([W.detach().double().clone() for W in Ws])
+        return iterates
+
+    ref = run(lambda p: torch.optim.Muon(p, **hp))
+    got = run(lambda p: Muon(p, **ours))
+    return got, ref, [W0.float().double() for W0, _, _ in problems]
+
+
+def largest_gap(got, ref, W0):
+    """Largest relative gap of a displacement ``W_t - W_0``, over steps and matrices."""
+    return max(rel_err(g - w, r - w) for gs, rs in zip(got, ref) for g, r, w in zip(gs, rs, W0))
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16), (64, 200), (300, 100)])
+@pytest.mark.parametrize("scale", SCALES)
+def test_newton_schulz_is_torch_bit_for_bit(shape, scale):
+    torch.manual_seed(0)
+    N = scale * torch.randn(3, *shape)
+    N[1] = scale * torch.randn(shape[0], 2) @ torch.randn(2, shape[1])  # rank 2
+    coeffs = (3.4445, -4.7750, 2.0315)
+    ours = muon_module.newton_schulz(N, coeffs, 5, 1e-7)
+    for got, n in zip(ours, N):
+        assert torch.equal(got, _zeropower_via_newtonschulz(n, coeffs, 5, 1e-7))
+        assert torch.equal(got, muon_module.newton_schulz(n[None], coeffs, 5, 1e-7)[0])
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("rank", [None, 2], ids=["full_rank", "rank2"])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
-@pytest.mark.parametrize("ns_dtype", [torch.bfloat16, None], ids=["bf16", "fp32"])
-def test_matches_torch_muon(shape, nesterov, adjust_lr_fn, ns_dtype):
-    W0, grad, loss = least_squares(shape)
+def test_matches_torch_muon_bit_for_bit(scale, rank, nesterov, adjust_lr_fn):
     hp = dict(HPARAMS, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
-    ref, _ = run_optimizer(lambda p: torch.optim.Muon(p, **hp), W0, grad, 10)
-    got, _ = run_optimizer(lambda p: Muon(p, ns_dtype=ns_dtype, **hp), W0, grad, 10)
-    tol_iterate, tol_step = TORCH_TOLERANCES[ns_dtype]
-    W0 = W0.float().double()
-    for t in range(10):
-        assert rel_err(got[t], ref[t]) < tol_iterate, t
-        assert rel_err(got[t] - W0, ref[t] - W0) < tol_step, t
-    assert loss(got[-1]) < loss(W0)
+    got, ref, W0 = run_both(hp, hp, scale, rank)
+    assert largest_gap(got, ref, W0) < TORCH_TOLERANCE
+    assert all(torch.equal(g, r) for gs, rs in zip(got, ref) for g, r in zip(gs, rs))
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_tolerance_catches_a_dropped_nesterov_term(scale):
+    """Measured: 3.2e-2 to 4.7e-2, over 300 times TORCH_TOLERANCE."""
+    hp = dict(HPARAMS, nesterov=True)
+    got, ref, W0 = run_both(hp, dict(hp, nesterov=False), scale)
+    assert largest_gap(got, ref, W0) > 30 * TORCH_TOLERANCE
+
+
+def test_matches_torch_muon_at_torch_defaults():
+    got, ref, _ = run_both({}, {}, 1e-3)
+    assert all(torch.equal(g, r) for gs, rs in zip(got, ref) for g, r in zip(gs, rs))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -106,21 +151,24 @@ def test_momentum_zero_update_is_the_orthogonalized_gradient():
     opt = Muon([W], lr=0.1, momentum=0.0, nesterov=True, weight_decay=0.0)
     W.grad = G.clone()
     opt.step()
-    torch.testing.assert_close(W.detach(), W0 - 0.1 * asgo.orthogonalize(G), rtol=0, atol=1e-6)
+    O = _zeropower_via_newtonschulz(G, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+    torch.testing.assert_close(W.detach(), W0 - 0.1 * O, rtol=0, atol=1e-7)
 
 
-def test_same_shapes_share_one_orthogonalize_call(monkeypatch):
+@pytest.mark.parametrize("function", ["newton_schulz", "orthogonalize"])
+def test_same_shapes_share_one_orthogonalize_call(monkeypatch, function):
     calls = []
-    original = muon_module.orthogonalize
+    original = getattr(muon_module, function)
 
-    def spy(G, **kw):
+    def spy(G, *args, **kw):
         calls.append(tuple(G.shape))
-        return original(G, **kw)
+        return original(G, *args, **kw)
 
-    monkeypatch.setattr(muon_module, "orthogonalize", spy)
+    monkeypatch.setattr(muon_module, function, spy)
     params = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(3)]
     params += [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 2, 2, 2, 2))]
-    opt = Muon(params)
+    method = "newton_schulz" if function == "newton_schulz" else "polar_express"
+    opt = Muon(params, orthogonalize_method=method)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -146,7 +194,7 @@ def test_bf16_parameters_keep_float32_state():
     got, opt = run_optimizer(lambda p: Muon(p, **HPARAMS), W0, grad, 10, torch.bfloat16)
     W = opt.param_groups[0]["params"][0]
     assert W.dtype == torch.bfloat16 and opt.state[W]["momentum_buffer"].dtype == torch.float32
-    assert rel_err(got[-1] - W0.bfloat16().double(), ref32[-1] - W0.float().double()) < 0.15  # measured 0.089
+    assert rel_err(got[-1] - W0.bfloat16().double(), ref32[-1] - W0.float().double()) < 0.15  # measured 0.087
     assert loss(got[-1]) < 0.9 * loss(W0)
 
 

@@ -5,7 +5,7 @@ from problems import fit_with_closure, least_squares, rel_err, run_optimizer, tw
 import asgo
 from asgo.optim import shampoo as shampoo_module
 from asgo.linalg import inverse_fourth_root
-from asgo.optim.reference import damped_fourth_root, shampoo_step
+from asgo.optim.reference import damped_fourth_root, matrix_power, shampoo_step
 from asgo.optim.reference import run as run_reference
 from asgo.optim.shampoo import Shampoo, block_plan
 
@@ -60,15 +60,54 @@ def spd(s, cond, seed=0, rank=None):
 
 @pytest.mark.parametrize("s", [8, 64])
 @pytest.mark.parametrize("cond", [1e1, 1e3, 1e6])
-def test_inverse_fourth_root_float64_eigh_is_exact(s, cond):
-    """root^4 (A + delta I) = I with delta = eps + 16 finfo.eps ||A||_F (measured 4.5e-11)."""
+@pytest.mark.parametrize("eps,relative", [(1e-10, False), (1e-7, True)])
+def test_inverse_fourth_root_float64_eigh_is_exact(s, cond, eps, relative):
+    """root^4 (A + delta I) = I with delta = eps, or eps ||A||_F when relative (both above the
+    float64 floor; measured 4.5e-11)."""
     A = spd(s, cond)
-    root, ok = inverse_fourth_root(A, method="eigh", eps=1e-10)
+    root, ok = inverse_fourth_root(A, method="eigh", eps=eps, relative=relative)
     assert ok.item() and root.dtype == torch.float64
     torch.testing.assert_close(root, root.T, rtol=0, atol=0)
     eye = torch.eye(s, dtype=torch.float64)
-    A_d = A + (1e-10 + F64_FLOOR * A.norm()) * eye
+    A_d = A + (eps * A.norm() if relative else eps) * eye
     assert (root @ root @ root @ root @ A_d - eye).norm() / s**0.5 < 1e-9
+
+
+@pytest.mark.parametrize("method", ["eigh", "polar_express", "newton_schulz"])
+def test_damping_is_eps_above_the_floor_and_the_floor_below(method):
+    """float32, rank-deficient A (where the damping sets the null-space gain): delta = eps
+    (eps ||A||_F) exactly when above 16 finfo.eps ||A||_F (measured worst 4.4e-4; the old
+    eps + floor would be 2.4e-2 to 4.3e-2 away), the floor when below (within the float32
+    round-off of A: measured worst 3.4e-2, newton_schulz; eps itself would be 0.8 away)."""
+    A = spd(32, 1e2, rank=8).float()
+    A64, norm = A.double(), A.double().norm().item()
+    floor = F32_FLOOR * norm
+    eye = torch.eye(32, dtype=torch.float64)
+
+    def exact(d):
+        return matrix_power(A64 + d * eye, -0.25)
+
+    for kw, d in [(dict(eps=10 * floor), 10 * floor), (dict(eps=1e-5, relative=True), 1e-5 * norm)]:
+        root, ok = inverse_fourth_root(A, method=method, **kw)
+        assert ok.item() and rel_err(root.double(), exact(d)) < 1e-3, kw
+        assert rel_err(exact(d + floor), exact(d)) > 2e-2
+    for kw, d in [(dict(eps=floor / 10), floor / 10), (dict(eps=1e-7, relative=True), 1e-7 * norm)]:
+        root, ok = inverse_fourth_root(A, method=method, **kw)
+        assert ok.item() and rel_err(root.double(), exact(floor)) < 5e-2, kw
+        assert rel_err(exact(d), exact(floor)) > 0.3
+
+
+def test_a_zero_statistic_gets_the_identity_with_relative_eps():
+    """A = 0: absolute eps gives eps^(-1/4) I; a relative eps has no scale, and the root is the
+    identity (as before any statistic), not a failure."""
+    Z = torch.zeros(2, 4, 4)
+    for method in ["eigh", "polar_express", "newton_schulz"]:
+        root, ok = inverse_fourth_root(Z, method=method, eps=1e-8)
+        assert ok.all()
+        torch.testing.assert_close(root, torch.eye(4).expand(2, 4, 4) * 1e2, rtol=1e-4, atol=0)
+        root, ok = inverse_fourth_root(Z, method=method, eps=1e-4, relative=True)
+        assert ok.all()
+        torch.testing.assert_close(root, torch.eye(4).expand(2, 4, 4), rtol=0, atol=1e-6)
 
 
 # measured worst relative errors (float32, 10 steps, s = 8 and 64) for cond 1e1 / 1e3 / 1e6:
@@ -189,6 +228,143 @@ def test_defaults_are_the_authors_values():
     assert (d["precondition_frequency"], d["grafting"], d["grafting_eps"]) == (1, "adam", 1e-10)
     assert (d["root_method"], d["root_steps"], d["max_preconditioner_dim"]) == (
         "polar_express", 10, 8192)
+    assert (d["relative_eps"], d["pre_start_update"]) == (False, "momentum")
+
+
+# --- float32 against the float64 algorithm: damping, cached roots, gradient scale --------------
+
+def random_gradients(shape, rank, scale, steps=9, seed=0):
+    """Fresh gradients every step (the stale roots of tau > 1 then meet directions outside the
+    factors' range, where the damping sets the gain), of the given rank and entry scale."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    return [scale * torch.randn(m, rank, generator=g, dtype=torch.float64)
+            @ torch.randn(rank, n, generator=g, dtype=torch.float64) / rank**0.5
+            for _ in range(steps)]
+
+
+def float32_against_float64(shape, grads, method="eigh", floor=F64_FLOOR, **hp):
+    """Worst relative error of the float32 optimizer's displacement against the float64
+    reference (its round-off floor ``floor``) over the steps, both fed the same gradients."""
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    hp = dict(HPARAMS, grafting="adam", **hp)
+    W, state, ref = W0.clone(), {}, []
+    for G in grads:
+        W = shampoo_step(W, G, state, floor=floor, **hp)
+        ref.append(W - W0)
+    p = torch.nn.Parameter(W0.float())
+    opt = Shampoo([p], root_method=method, **hp)
+    worst = 0.0
+    for G, r in zip(grads, ref):
+        p.grad = G.float()
+        opt.step()
+        worst = max(worst, rel_err(p.detach().double() - W0.float().double(), r))
+    assert opt.diagnostics() == {"skipped_steps": 0, "root_failures": 0}
+    return worst
+
+
+# measured worst over the methods (tau = 3, 9 steps): relative eps 1e-4: 7.9e-5 at every scale;
+# absolute 1e-10: 5.7e-5 at 1e-3, 1.1e-5 at 1e-4 (before, with eps + floor: 2.1e-4 to 1.5e-3 at
+# 1e-3, 2.2e-5 at 1e-4)
+@pytest.mark.parametrize("method", ["eigh", "polar_express", "newton_schulz"])
+@pytest.mark.parametrize("shape,rank", [((12, 40), 12), ((12, 40), 2), ((24, 24), 3)])
+@pytest.mark.parametrize("scale,eps,relative", [(1.0, 1e-4, True), (1e-3, 1e-4, True),
+                                                (1e-4, 1e-4, True), (1e-3, 1e-10, False),
+                                                (1e-4, 1e-10, False)])
+def test_float32_follows_the_float64_algorithm_with_cached_roots(method, shape, rank, scale,
+                                                                 eps, relative):
+    grads = random_gradients(shape, rank, scale)
+    err = float32_against_float64(shape, grads, method, eps=eps, relative_eps=relative,
+                                  precondition_frequency=3)
+    assert err < 5e-4
+
+
+def test_an_absolute_eps_below_float32_round_off_is_the_floor():
+    """Gradients of scale 1 and eps = 1e-10: the float32 factors are known to 2.6e-7 ||X||_F, so
+    the float32 run follows the float64 algorithm with the float32 floor (1.6e-3 measured), not
+    the one with eps (0.21 measured: the documented limit; relative eps removes it)."""
+    grads = random_gradients((32, 48), 32, 1.0)
+    assert float32_against_float64((32, 48), grads, eps=1e-10, precondition_frequency=3,
+                                   floor=F32_FLOOR) < 1e-2
+    assert float32_against_float64((32, 48), grads, eps=1e-10, precondition_frequency=3) > 0.1
+
+
+@pytest.mark.parametrize("scale,eps,relative", [(1e-3, (1e-10, 1e-8), False),
+                                                (1.0, (1e-4, 1e-3), True)])
+def test_eps_changes_the_float32_update_as_it_should(scale, eps, relative):
+    """Two values of eps above the floor: the float32 runs differ (by 0.26 / 0.11 measured) and
+    each follows the float64 algorithm with its own eps (measured within 6e-5)."""
+    grads = random_gradients((12, 40), 2, scale)
+    runs = []
+    for e in eps:
+        assert float32_against_float64((12, 40), grads, eps=e, relative_eps=relative,
+                                       precondition_frequency=3) < 5e-4
+        p = torch.nn.Parameter(torch.zeros(12, 40))
+        opt = Shampoo([p], eps=e, relative_eps=relative, precondition_frequency=3)
+        for G in grads:
+            p.grad = G.float()
+            opt.step()
+        runs.append(p.detach().double())
+    assert rel_err(runs[0], runs[1]) > 5e-2
+
+
+@pytest.mark.parametrize("grafting", ["none", "adam"])
+def test_relative_eps_is_scale_free(grafting):
+    """With a relative d, U = P M Q (and the Adam norm, up to grafting_eps) does not depend on
+    the gradients' scale: gradients scaled by 2^-14 (exact in float32) give the same float32
+    iterates bit for bit (at 1e-4, measured 1e-4 apart: the factors' round-off against
+    eps = 1e-4); with an absolute eps they differ."""
+    def run(scale, **hp):
+        p = torch.nn.Parameter(torch.ones(12, 40))
+        opt = Shampoo([p], lr=1e-3, grafting=grafting, grafting_eps=1e-30,
+                      precondition_frequency=3, **hp)
+        for G in random_gradients((12, 40), 2, scale):
+            p.grad = G.float()
+            opt.step()
+        return p.detach().double() - 1
+
+    relative = dict(eps=1e-4, relative_eps=True)
+    assert torch.equal(run(1.0, **relative), run(2.0**-14, **relative))
+    assert rel_err(run(2.0**-14, eps=1e-10), run(1.0, eps=1e-10)) > 1e-2
+
+
+# --- before the start step ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("pre_start", ["momentum", "grafting"])
+def test_pre_start_update_matches_reference(pre_start):
+    """float64, start 4, tau 2: 'grafting' (Distributed Shampoo: the Adam update itself before
+    s) and 'momentum' (identity roots, grafted) match the reference to 1e-9 and differ."""
+    W0, grad, _ = least_squares((8, 32))
+    hp = dict(HPARAMS, grafting="adam", precondition_frequency=2, start_preconditioning_step=4)
+    ref = run_reference(shampoo_step, W0, grad, 8, pre_start_update=pre_start, **hp)
+    got, _ = run_optimizer(lambda p: Shampoo(p, root_method="eigh", pre_start_update=pre_start,
+                                             **hp), W0, grad, 8, torch.float64)
+    for t in range(8):
+        assert rel_err(got[t] - W0, ref[t] - W0) < 1e-9, t
+    other = run_reference(shampoo_step, W0, grad, 8, pre_start_update=(
+        {"momentum", "grafting"} - {pre_start}).pop(), **hp)
+    assert rel_err(other[2] - W0, ref[2] - W0) > 1e-2
+
+
+def test_pre_start_grafting_is_the_adam_update():
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64))
+    opt = Shampoo([W], lr=0.1, weight_decay=0.0, start_preconditioning_step=3,
+                  pre_start_update="grafting")
+    for _ in range(2):
+        W0, G = W.detach().clone(), torch.randn(5, 7, dtype=torch.float64)
+        W.grad = G.clone()
+        opt.step()
+        state = opt.state[W]
+        adam = state["momentum"] / (state["exp_avg_sq"] + 1e-10).sqrt()
+        torch.testing.assert_close(W.detach(), W0 - 0.1 * adam, rtol=0, atol=1e-15)
+    assert torch.equal(opt.block_factors(W)[0]["left_root"], torch.eye(5, dtype=torch.float64))
+
+
+def test_pre_start_grafting_without_grafting_is_refused():
+    with pytest.raises(ValueError, match="invalid pre_start_update: 'grafting' needs a grafting"):
+        Shampoo([torch.nn.Parameter(torch.zeros(2, 3))], grafting="none",
+                pre_start_update="grafting")
 
 
 def test_grafting_sets_the_adam_norm():

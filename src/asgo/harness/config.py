@@ -59,6 +59,11 @@ def _check_types(prefix: str, values: dict, accepted: dict[str, inspect.Paramete
             raise ConfigError(f"{prefix}{key}: expected {EXPECTED[kind]}, got {value!r}")
         if isinstance(value, list) and isinstance(param.default, tuple):
             value = tuple(value)
+        if "dtype" in str(param.annotation) and isinstance(value, str):  # e.g. ns_dtype: float32
+            if not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ConfigError(f"{prefix}{key}: expected a torch dtype name (float32, bfloat16, ...), "
+                                  f"got {value!r}")
+            value = getattr(torch, value)
         checked["lr" if key == "learning_rate" else key] = value
     return checked
 

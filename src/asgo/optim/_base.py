@@ -5,11 +5,14 @@
 1. **collect** — per param group, skip parameters without a gradient (or, under a process group,
    owned by another rank), refuse sparse ones, flag non-finite gradients, and put every
    parameter's matrix blocks (its :class:`Layout`) into buckets keyed by (device, dtype, block
-   shape, step);
+   shape, step), in chunks of at most ``max_bucket_bytes`` of stacked gradients (same-layout
+   parameters together; a parameter is never split, so a larger one is a chunk alone); each
+   chunk is computed, committed and (single process) applied before the next, so its
+   intermediates are freed before the next chunk allocates its own;
 2. **compute** — per bucket, the optimizer's :meth:`~MatrixOptimizer.compute`: a function of the
    stacked gradients, the stacked state and the group's hyper-parameters that returns the
    direction and the new state (an :class:`Update`). Inverse roots it asks for (``yield``
-   :class:`Root`) are batched across all buckets of the group by matrix size. Then, where a
+   :class:`Root`) are batched across all buckets of the chunk by matrix size. Then, where a
    parameter's gradient, new state and direction are all finite, its new state is written;
    elsewhere its state is left untouched, its direction zeroed and the step counted in
    ``skipped_steps``;
@@ -23,8 +26,10 @@ elsewhere: that is how each rank computes only the matrices it owns.
 from __future__ import annotations
 
 import inspect
+import math
 from collections import defaultdict
 from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -34,7 +39,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from asgo.linalg import compute_dtype
-from asgo.optim._config import HyperParameters
+from asgo.optim._config import HyperParameters, Integer, Optional
 from asgo.optim._distributed import (
     Expected,
     Sharded,
@@ -47,6 +52,14 @@ from asgo.optim._distributed import (
 )
 from asgo.optim._layout import Layout
 
+# On CPU, chunks of 1 to 64 MiB step as fast as one bucket per shape (Muon) or faster (ASGO,
+# DASGO, Adafactor: up to 2x, fewer cache misses); 64 MiB still batches 7 GPT-2 MLP matrices
+# (3072 x 768) or 28 of 768 x 768 for the GPU.
+DEFAULT_MAX_BUCKET_BYTES = 64 * 2**20
+
+# Hyper-parameters added after 0.2's state layout: a state_dict without them keeps the values
+# the optimizer was built with (their defaults are the earlier behaviour).
+LATER_HYPERPARAMETERS = ("transposed", "compat", "relative_eps", "pre_start_update")
 ROUTING_HINT = "route it to AdamW with asgo.build_optimizer(model, ...) or a separate optimizer"
 
 
@@ -68,7 +81,8 @@ def is_embedding(p: Tensor) -> bool:
 class Update:
     """What :meth:`MatrixOptimizer.compute` returns for a bucket of ``B`` stacked blocks.
 
-    ``direction``: ``(B, *block shape)``; the parameter moves by ``-lr lr_scale direction``.
+    ``direction``: ``(B, *block shape)``; the parameter moves by ``-lr lr_scale direction`` (times
+    :meth:`MatrixOptimizer.step_factor`, if any).
     ``state``: new values of state entries, stacked as they were read; an entry returned as the
     very tensor ``compute`` was given (e.g. a root that was not due) counts as unchanged and is
     neither checked nor written.
@@ -158,10 +172,35 @@ def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
     saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
     by_id = dict(zip(saved_ids, params))  # as torch maps them: ids, or FQNs from DCP
     for saved_id, saved in state_dict["state"].items():
-        p = by_id[saved_id]
+        p = by_id.get(saved_id)
+        if p is None:  # not a parameter's state (torch loads it as it is)
+            continue
         for key, value in saved.items():
             if torch.is_tensor(value) and key != "step":
                 optimizer.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def with_later_hyperparameters(groups: list[dict], state_dict: dict) -> dict:
+    """``state_dict`` with the ``LATER_HYPERPARAMETERS`` its param groups lack taken from
+    ``groups`` (the loading optimizer's, in order; torch refuses a different number of groups)."""
+    if len(state_dict["param_groups"]) != len(groups):
+        return state_dict
+    return {**state_dict, "param_groups": [
+        {**{k: g[k] for k in LATER_HYPERPARAMETERS if k in g}, **saved}
+        for g, saved in zip(groups, state_dict["param_groups"])]}
+
+
+@contextmanager
+def load_hooks(optimizer: torch.optim.Optimizer, check: Callable, restore: Callable):
+    """``check`` as the last load pre-hook and ``restore`` as the first load post-hook, for the
+    duration of one ``load_state_dict``."""
+    handles = [optimizer.register_load_state_dict_pre_hook(check),
+               optimizer.register_load_state_dict_post_hook(restore, prepend=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def evaluate_closure(closure):
@@ -173,9 +212,17 @@ def evaluate_closure(closure):
 
 
 def apply_update_(p: Tensor, update: Tensor, lr: float | Tensor, weight_decay: float,
-                  active: Tensor) -> None:
-    """``p <- p (1 - lr wd a) - lr a update`` with ``a`` in {0, 1}: decoupled weight decay then the
-    step, both skipped where ``active`` is 0. Computed in ``update``'s dtype, rounded once."""
+                  active: Tensor, factor: float | None = None) -> None:
+    """``p <- p (1 - lr wd a) - lr f a update`` with ``a`` in {0, 1} and the step ``factor`` ``f``
+    (None: 1): decoupled weight decay then the step, both skipped where ``active`` is 0 (``update``
+    is then zero). Computed in ``update``'s dtype, rounded once. With a factor, a float ``lr`` and
+    one dtype, rounded as torch.optim: ``p.mul_(1 - lr wd).add_(update, alpha=-lr f)``."""
+    if factor is not None and not torch.is_tensor(lr) and p.dtype == update.dtype:
+        decay = torch.full_like(active, 1 - lr * weight_decay, dtype=p.dtype)
+        p.mul_(torch.where(active > 0, decay, 1.0)).add_(update, alpha=-lr * factor)
+        return
+    if factor is not None:
+        update = update.mul_(factor)
     if p.dtype == update.dtype:
         p.mul_(1 - lr * weight_decay * active).sub_(update.mul_(lr * active))
     else:
@@ -214,6 +261,17 @@ class MatrixOptimizer(torch.optim.Optimizer):
     owned part, so checkpoints (also through ``torch.distributed.checkpoint``) load at any world
     size.
 
+    ``max_bucket_bytes`` (keyword, every class; default 64 MiB; None: no cap): a step batches a
+    group's same-shape blocks in chunks whose stacked gradients (in the state dtype) total at most
+    this many bytes, one chunk after the other; a parameter is never split, so a larger one is a
+    chunk alone. On the CPU the result is bitwise the uncapped step's
+    (``tests/optim/test_bucket_cap.py``; GPU kernels may depend on the batch size);
+    the extra memory of a step is a fixed multiple of its largest chunk, about 5.5x for Muon, 5x
+    for DASGO, 15x for ASGO and 34x for Shampoo on square matrices (``benchmarks/memory.py``).
+    Under a process group every chunk's directions are kept until the exchange at the end of the
+    step (the bytes of the owned parameters, once). The cap is not state: ``state_dict`` neither
+    saves nor loads it.
+
     ``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype,
     which would round float32 moments of bf16 parameters and turn integer counters into floats;
     the saved dtypes are restored so a resumed run continues exactly. Fault counters are read
@@ -235,10 +293,15 @@ class MatrixOptimizer(torch.optim.Optimizer):
                   for f in fields(cls.Config)]
             params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
             group = inspect.Parameter("process_group", inspect.Parameter.KEYWORD_ONLY, default=None)
-            cls.__signature__ = inspect.Signature([params, *hp, group])  # type: ignore[attr-defined]
+            cap = inspect.Parameter("max_bucket_bytes", inspect.Parameter.KEYWORD_ONLY,
+                                    default=DEFAULT_MAX_BUCKET_BYTES, annotation=int | None)
+            cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+                [params, *hp, group, cap])
 
     def __init__(self, params, *args, process_group: dist.ProcessGroup | None = None,
-                 **hyperparameters):
+                 max_bucket_bytes: int | None = DEFAULT_MAX_BUCKET_BYTES, **hyperparameters):
+        Optional(Integer(1))("max_bucket_bytes", max_bucket_bytes)
+        self.max_bucket_bytes = max_bucket_bytes
         self.process_group = process_group
         self._owners: dict[Tensor, int] = {}
         self._loads: list[float] | None = None
@@ -264,6 +327,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
     # --- construction ------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
+        if "max_bucket_bytes" in param_group:
+            raise ValueError(f"max_bucket_bytes is an argument of {type(self).__name__}(...), not a "
+                             f"param group setting")
         self.validate_group({**self.defaults, **param_group})
         first_index = sum(len(g["params"]) for g in self.param_groups)
         super().add_param_group(param_group)
@@ -302,11 +368,14 @@ class MatrixOptimizer(torch.optim.Optimizer):
         if self.process_group is not None:
             raise TypeError(f"a {type(self).__name__} with a process_group cannot be copied or "
                             f"pickled; save its state_dict() instead")
-        return super().__getstate__()
+        return {**super().__getstate__(), "max_bucket_bytes": self.max_bucket_bytes}
 
     def __setstate__(self, state: dict) -> None:
+        # unpickling fills what __getstate__ left out; load_state_dict (which calls this too) keeps it
         super().__setstate__(state)
-        self.process_group, self._owners, self._loads, self._constructed = None, {}, None, True
+        for name, value in (("max_bucket_bytes", DEFAULT_MAX_BUCKET_BYTES), ("process_group", None),
+                            ("_owners", {}), ("_loads", None), ("_constructed", True)):
+            self.__dict__.setdefault(name, value)
 
     def _assign_owners(self, params: list[Tensor]) -> None:
         """Owners of ``params`` by longest-processing-time packing on their matrix cost."""
@@ -339,6 +408,9 @@ class MatrixOptimizer(torch.optim.Optimizer):
             what = "an embedding" if is_embedding(p) else f"a {p.ndim}-D tensor"
             raise ValueError(f"{name} preconditions matrices; parameter {index} of shape "
                              f"{tuple(p.shape)} is {what}: {ROUTING_HINT}")
+        if group.get("transposed") and p.ndim != 2:
+            raise ValueError(f"{name}: transposed=True marks a 2-D weight stored (in, out); "
+                             f"parameter {index} of shape {tuple(p.shape)} is {p.ndim}-D")
         self.layouts(p, group)  # raises on a parameter the group's settings cannot view
 
     @staticmethod
@@ -368,15 +440,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
         loss = evaluate_closure(closure)
         sharded = self._sharded() if self.process_group is not None else []
         grads = self._gradients(sharded)
+        indexed = {index: (group, p) for index, group, p in self._indexed()}
         updates, first_index = {}, 0
         for group in self.param_groups:
-            buckets = self._collect(group, first_index, grads)
-            updates.update(self._commit(group, buckets, self._compute(group, buckets)))
+            for buckets in self._collect(group, first_index, grads):
+                done = self._commit(group, buckets, self._compute(group, buckets))
+                if self.process_group is None:  # applied and freed before the next chunk
+                    self._apply(indexed, done)
+                    done.clear()
+                else:
+                    updates.update(done)
             first_index += len(group["params"])
         if self.process_group is not None:
-            updates = self._exchange(updates, sharded)
-        for group, p, d, ok, lr_scale in self._stepping(updates):
-            apply_update_(p, d, _lr(group["lr"]) * lr_scale, group["weight_decay"], ok)
+            self._apply(indexed, self._exchange(updates, sharded))
         return loss
 
     def _indexed(self):
@@ -407,14 +483,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
             grads.update(gather_sharded_gradients(local, sharded, _local_device(self), self.process_group))
         return grads
 
-    def _stepping(self, updates: dict[int, tuple]):
-        """``(group, tensor, direction, flag, lr scale)`` of every parameter that steps here (a
-        DTensor's local shard)."""
-        for index, group, p in self._indexed():
-            if index in updates:
-                d, ok, lr_scale = updates[index]
-                local = p.to_local() if isinstance(p, DTensor) else p
-                yield group, local, d.view(local.shape), ok, lr_scale
+    def step_factor(self, group: dict, p: Tensor) -> float | None:
+        """A factor on ``lr`` for the step of ``p`` alone (not its weight decay), applied with
+        torch.optim's rounding (:func:`apply_update_`); None: none."""
+        return None
+
+    def _apply(self, indexed: dict[int, tuple], updates: dict[int, tuple]) -> None:
+        """Step every parameter of ``updates`` (a DTensor's local shard) by its direction."""
+        for index, (d, ok, lr_scale) in updates.items():
+            group, p = indexed[index]
+            local = p.to_local() if isinstance(p, DTensor) else p
+            apply_update_(local, d.view(local.shape), _lr(group["lr"]) * lr_scale,
+                          group["weight_decay"], ok, self.step_factor(group, p))
 
     def _exchange(self, updates: dict[int, tuple], sharded: list[Sharded]) -> dict[int, tuple]:
         """Owner-compute: every owner's directions and flags to every rank (a replicated
@@ -429,8 +509,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
             out.update(scatter_sharded_updates(mine, sharded, _local_device(self), self.process_group))
         return {i: (d, ok, 1.0) for i, (d, ok) in out.items()}
 
-    def _collect(self, group: dict, first_index: int, grads: dict[int, Tensor]) -> list[Bucket]:
-        buckets: dict[tuple, Bucket] = {}
+    def _collect(self, group: dict, first_index: int, grads: dict[int, Tensor]) -> list[list[Bucket]]:
+        """The group's parameters that step here (their step counted) as chunks of buckets: the
+        parameters of one (device, dtype, step, layouts) side by side, cut into chunks of at most
+        ``max_bucket_bytes`` of stacked gradients; a parameter is never split."""
+        similar: dict[tuple, list[list[Slot]]] = {}
         for index, p in enumerate(group["params"], start=first_index):
             if index not in grads:
                 continue
@@ -439,11 +522,25 @@ class MatrixOptimizer(torch.optim.Optimizer):
             state["step"] += 1
             step = int(state["step"])  # a CPU tensor: no device sync
             finite = all_finite(grad)
-            for layout in self.layouts(like, group):
-                key = (like.device, like.dtype, tuple(layout.shape), step)
-                slot = Slot(like, grad, index, state, layout, finite)
-                buckets.setdefault(key, Bucket(step)).slots.append(slot)
-        return list(buckets.values())
+            layouts = self.layouts(like, group)
+            key = (like.device, like.dtype, step, tuple(tuple(layout.shape) for layout in layouts))
+            similar.setdefault(key, []).append(
+                [Slot(like, grad, index, state, layout, finite) for layout in layouts])
+        chunks: list[dict[tuple, Bucket]] = []
+        size = 0
+        for (device, dtype, step, _), params in similar.items():
+            itemsize = self.state_dtype(params[0][0].param).itemsize
+            for slots in params:
+                nbytes = itemsize * sum(s.layout.count * math.prod(s.layout.shape) for s in slots)
+                if not chunks or (self.max_bucket_bytes is not None
+                                  and size + nbytes > self.max_bucket_bytes):
+                    chunks.append({})
+                    size = 0
+                size += nbytes
+                for slot in slots:
+                    key = (device, dtype, tuple(slot.layout.shape), step)
+                    chunks[-1].setdefault(key, Bucket(step)).slots.append(slot)
+        return [list(chunk.values()) for chunk in chunks]
 
     def _state_view(self, slot: Slot, key: str) -> Tensor:
         """``slot``'s blocks of ``state[key]``: a view, except for non-view elementwise layouts."""
@@ -466,10 +563,13 @@ class MatrixOptimizer(torch.optim.Optimizer):
         return stacked
 
     def _run(self, group: dict, bucket: Bucket) -> Generator[Root, Tensor, tuple]:
-        dtype = self.state_dtype(bucket.slots[0].param)
-        G = _cat([s.layout.blocks(s.grad) for s in bucket.slots]).to(dtype)
+        first = bucket.slots[0]
+        G = torch.empty(sum(bucket.counts), *first.layout.shape, dtype=self.state_dtype(first.param),
+                        device=first.grad.device)  # one copy of the gradients, in the state dtype
+        for slot, part in zip(bucket.slots, G.split(bucket.counts)):
+            part.copy_(slot.layout.blocks(slot.grad))
         finite = _cat([s.finite.expand(s.layout.count) for s in bucket.slots])
-        G = torch.where(_per_block(finite, G), G, 0).contiguous()
+        G.masked_fill_(~_per_block(finite, G), 0)
         S = self._stacked_state(bucket)
         out = self.compute(group, G, S, bucket)
         if inspect.isgenerator(out):
@@ -590,13 +690,40 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for i, s in all_gather_states(owned, self.process_group).items()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        missing = sorted({f.name for f in fields(self.Config)}
-                         - {k for g in state_dict["param_groups"] for k in g})
+        """torch's ``load_state_dict`` of the state_dict its load pre-hooks return, with the
+        hyper-parameters added since (``LATER_HYPERPARAMETERS``) kept from this optimizer's
+        groups and any other missing one refused; before the post-hooks run, the saved dtypes are
+        restored and :meth:`after_load` runs."""
+        loaded = {}
+
+        def check(optimizer, final):  # runs after every other pre-hook
+            final = with_later_hyperparameters(self.param_groups, final)
+            self.check_saved_groups(final["param_groups"])
+            loaded["state_dict"] = final
+            return final
+
+        def restore(optimizer):
+            restore_state_dtypes(self, loaded["state_dict"])
+            self.after_load()
+
+        with load_hooks(self, check, restore):
+            super().load_state_dict(state_dict)
+
+    @classmethod
+    def check_saved_groups(cls, groups: list[dict]) -> None:
+        """Refuse saved param groups that lack one of this class's hyper-parameters."""
+        missing = sorted({f.name for f in fields(cls.Config)} - {k for g in groups for k in g})
         if missing:
-            raise ValueError(f"this {type(self).__name__} state_dict has no hyper-parameter "
-                             f"{missing}: it was written by another version of asgo")
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)
+            raise ValueError(f"this {cls.__name__} state_dict has no hyper-parameter {missing}: "
+                             f"it was written by another version of asgo")
+
+    def after_load(self) -> None:
+        """After ``load_state_dict``: a Python-number ``step`` (older checkpoints) becomes an int64
+        tensor, the state of matrices another rank owns is dropped, and missing state created."""
+        for p in [p for g in self.param_groups for p in g["params"]]:
+            state = self.state.get(p, {})
+            if "step" in state and not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(int(state["step"]), dtype=torch.int64)
         self.drop_unowned_state()
         for group in self.param_groups:
             self._create_state(group)
@@ -610,7 +737,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         """Totals of the fault counters over all parameters (synchronises; call outside step;
         under a process group a collective over every rank's parameters)."""
         totals = torch.zeros(len(self.COUNTERS), dtype=torch.int64, device=_local_device(self))
-        for state in self.state.values():
+        for p in [p for g in self.param_groups for p in g["params"]]:
+            state = self.state.get(p, {})
             if self.COUNTERS[0] in state:
                 totals += torch.stack([state[name] for name in self.COUNTERS]).to(totals.device)
         if self.process_group is not None:

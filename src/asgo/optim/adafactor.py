@@ -13,6 +13,7 @@ from asgo.optim._config import (
     NON_NEGATIVE,
     POSITIVE,
     UNIT,
+    Flag,
     HyperParameters,
     Optional,
     Real,
@@ -32,6 +33,7 @@ class AdafactorConfig(HyperParameters):
     momentum: float | None = hyper(None, Optional(UNIT))
     weight_decay: float = hyper(0.0, NON_NEGATIVE)
     beta2_first: float = hyper(0.5, UNIT)
+    transposed: bool = hyper(False, Flag())
 
     def check_combination(self) -> None:
         if self.clip_alpha is not None and self.clip_threshold is None:
@@ -77,6 +79,9 @@ class Adafactor(MatrixOptimizer):
             ``torch.optim.SGD``). Default None.
         weight_decay (float): decoupled, multiplied by ``rho_k``. Default 0.0.
         beta2_first (float): ``beta2_1``; the analysis needs 1/2, torch uses 0. Default 0.5.
+        transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
+            ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
+            tested on CPU), so ``R`` has one entry per output, ``C`` one per input. Default False.
 
     Notes:
         The defaults are Algorithm 1 (momentum and weight decay off). Same-shape parameters are
@@ -95,14 +100,15 @@ class Adafactor(MatrixOptimizer):
     DISTRIBUTED = False  # its step size follows each parameter's own step count
 
     def layouts(self, p: Tensor, group: dict) -> list[Single]:
-        return [Single(p.shape, tuple(p.shape))]
+        return [Single.whole(p, group["transposed"])]
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         zeros = dict(dtype=self.state_dtype(p), device=p.device)
         if "row_second_moment" not in state and "second_moment" not in state:
+            shape = self.layouts(p, group)[0].shape
             if p.ndim >= 2:
-                state["row_second_moment"] = torch.zeros(p.shape[:-1], **zeros)
-                state["column_second_moment"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **zeros)
+                state["row_second_moment"] = torch.zeros(shape[:-1], **zeros)
+                state["column_second_moment"] = torch.zeros(shape[:-2] + shape[-1:], **zeros)
             else:
                 state["second_moment"] = torch.zeros(p.shape, **zeros)
         if group["momentum"] is not None and "momentum" not in state:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asgo.linalg import inverse_sqrt
-from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update, rms_normalize
-from asgo.optim._config import POSITIVE, Integer, Optional, RootSchedule, hyper, root_due
+from asgo.linalg import inverse_sqrt, inverse_sqrt_official
+from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update, _cat, rms_normalize
+from asgo.optim._config import (POSITIVE, Choice, Flag, Integer, Optional, RootSchedule, hyper,
+                                root_due)
 from asgo.optim._layout import MatrixView
 
 
@@ -17,6 +18,14 @@ from asgo.optim._layout import MatrixView
 class ASGOConfig(RootSchedule):
     update_rms: float | None = hyper(0.2, Optional(POSITIVE))
     num_heads: int = hyper(1, Integer(1))
+    transposed: bool = hyper(False, Flag())
+    compat: str | None = hyper(None, Choice((None, "official")))
+
+    def check_combination(self) -> None:
+        super().check_combination()
+        if self.compat == "official" and self.root_method == "eigh":
+            raise ValueError("invalid root_method: 'eigh' with compat='official', expected "
+                             "'polar_express' or 'newton_schulz' (the authors' code has no eigh root)")
 
 
 class ASGO(MatrixOptimizer):
@@ -45,17 +54,29 @@ class ASGO(MatrixOptimizer):
             (:func:`asgo.linalg.inverse_sqrt`). Default ``'polar_express'``.
         root_steps (int): iterations of the root. Default 10.
         update_rms (float | None): RMS of each block's update; None: unscaled. Default 0.2.
-        num_heads (int): split each weight's rows into this many blocks (attention heads), each
-            preconditioned as if it were a separate parameter. Default 1.
+        num_heads (int): split each weight's rows (its output side) into this many blocks
+            (attention heads), each preconditioned as if it were a separate parameter. Default 1.
+        transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
+            ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
+            tested on CPU), so heads split its outputs and the side of a square block is chosen as
+            for ``(out, in)``. Default False.
+        compat (str | None): None: the root above, ``(V_t + eps I)^(-1/2)`` with the round-off
+            damping of :func:`asgo.linalg.inverse_sqrt` (``tol=None``: a root is replaced only if
+            not finite). ``'official'``: the authors' float32 code,
+            :func:`asgo.linalg.inverse_sqrt_official` (eps only in the Frobenius normalisation of
+            Polar Express, no ``eps I`` added to ``V``, no round-off damping), their rounding of
+            the ``V`` update, ``M Q`` on the right side, and the identity where a root is not
+            finite; needs ``root_method`` ``'polar_express'`` or ``'newton_schulz'``. Default None.
 
     Notes:
         The smaller side is preconditioned; square blocks use the right side, as the authors'
         code. Same-shape blocks are stacked and their roots batched (one call per root size).
         State (float32; float64 for float64 parameters): ``momentum``, ``preconditioner`` ``V``
         and ``inv_root`` ``Q`` (``(blocks, s, s)``), ``step`` (CPU) and the counters
-        ``skipped_steps`` and ``root_failures`` (a non-finite root keeps the previous one).
-        Defaults are the authors' code values; where the library departs from their code and
-        how closely it follows it is in ``docs/optimizers.md``. Reference:
+        ``skipped_steps`` and ``root_failures`` (a non-finite root keeps the previous one;
+        identity under ``compat='official'``). Defaults are the authors' code values; the
+        default root departs from their code at small gradient scales and on rank-deficient
+        ``V`` (measured in ``docs/optimizers.md``). Reference:
         :func:`asgo.optim.reference.asgo_step`.
     """
 
@@ -64,7 +85,7 @@ class ASGO(MatrixOptimizer):
     COUNTERS = ("skipped_steps", "root_failures")
 
     def layouts(self, p: Tensor, group: dict) -> list[MatrixView]:
-        return [MatrixView.of(p, group["num_heads"])]
+        return [MatrixView.of(p, group["num_heads"], group["transposed"])]
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         if "momentum" not in state:
@@ -75,11 +96,24 @@ class ASGO(MatrixOptimizer):
             state["inv_root"] = torch.eye(s, dtype=dtype, device=p.device).repeat(view.count, 1, 1)
 
     def compute(self, group: dict, G: Tensor, S: dict[str, Tensor], bucket: Bucket):
+        beta2, official = group["beta2"], group["compat"] == "official"
         M = S["momentum"].lerp(G, 1 - group["momentum"])
-        V = S["preconditioner"].lerp(G @ G.mT, 1 - group["beta2"])
+        if official:  # the authors' V.mul_(beta2).add_(P, alpha=1 - beta2), rounded as theirs
+            V = torch.add(S["preconditioner"] * beta2, G @ G.mT, alpha=1 - beta2)
+        else:
+            V = S["preconditioner"].lerp(G @ G.mT, 1 - beta2)
         Q = S["inv_root"]
         if root_due(group, bucket.step):
-            Q = yield Root(inverse_sqrt, V, Q, dict(method=group["root_method"],
-                                                    steps=group["root_steps"], eps=group["eps"]))
-        U = rms_normalize(Q @ M, group["update_rms"])
+            options = dict(method=group["root_method"], steps=group["root_steps"], eps=group["eps"])
+            if official:  # a non-finite root falls back to the identity, as theirs
+                eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
+                Q = yield Root(inverse_sqrt_official, V, eye, options)
+            else:
+                Q = yield Root(inverse_sqrt, V, Q, dict(options, tol=None))
+        if official:  # theirs is M Q on the right side: (M Q)^T = Q^T M^T on a transposed block
+            U = _cat([q.mT if getattr(slot.layout, "transpose", False) else q
+                      for slot, q in zip(bucket.slots, Q.split(bucket.counts))]) @ M
+        else:
+            U = Q @ M
+        U = rms_normalize(U, group["update_rms"])
         return Update(U, dict(momentum=M, preconditioner=V, inv_root=Q))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from asgo.optim._base import Bucket, MatrixOptimizer, Update, rms_normalize
-from asgo.optim._config import POSITIVE, UNIT, EMAHyperParameters, Optional, hyper
+from asgo.optim._config import POSITIVE, UNIT, EMAHyperParameters, Flag, Optional, hyper
 from asgo.optim._layout import Single
 
 
@@ -19,6 +17,7 @@ class DASGOConfig(EMAHyperParameters):
     beta2: float = hyper(0.95, UNIT)
     eps: float = hyper(1e-8, POSITIVE)
     update_rms: float | None = hyper(0.2, Optional(POSITIVE))
+    transposed: bool = hyper(False, Flag())
 
 
 class DASGO(MatrixOptimizer):
@@ -40,9 +39,14 @@ class DASGO(MatrixOptimizer):
         eps (float): added to ``v``, > 0. Default 1e-8.
         weight_decay (float): decoupled, multiplied by ``lr``. Default 0.1.
         update_rms (float | None): RMS of each update; None: unscaled. Default 0.2.
+        transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
+            ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
+            tested on CPU), so ``v`` has one entry per input (per row of the stored parameter).
+            Default False.
 
     Notes:
-        The column (input) side is used whatever the shape, as in the authors' code; defaults
+        The column (input) side is used whatever the shape, as in the authors' code (for a
+        weight stored ``(in, out)``, pass ``transposed=True`` to keep it the input side); defaults
         are their configuration. Same-shape matrices are stacked. State (float32; float64 for
         float64 parameters): ``momentum``, ``column_second_moment`` (``n``), ``step`` (CPU) and
         the counter ``skipped_steps``. Reference: :func:`asgo.optim.reference.dasgo_step`.
@@ -52,13 +56,13 @@ class DASGO(MatrixOptimizer):
     ELEMENTWISE = ("momentum",)
 
     def layouts(self, p: Tensor, group: dict) -> list[Single]:
-        return [Single.matrix(p)]
+        return [Single.matrix(p, transposed=group["transposed"])]
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         if "momentum" not in state:
-            dtype = self.state_dtype(p)
+            dtype, cols = self.state_dtype(p), self.layouts(p, group)[0].shape[1]
             state["momentum"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            state["column_second_moment"] = torch.zeros(math.prod(p.shape[1:]), dtype=dtype, device=p.device)
+            state["column_second_moment"] = torch.zeros(cols, dtype=dtype, device=p.device)
 
     def compute(self, group: dict, G: Tensor, S: dict[str, Tensor], bucket: Bucket) -> Update:
         M = S["momentum"].lerp(G, 1 - group["momentum"])

@@ -24,9 +24,9 @@ from asgo.optim._config import (
     Reals,
     hyper,
 )
-from asgo.optim._layout import Single
+from asgo.optim._layout import Single, matrix_shape
 
-PROJ_TYPES = ("std", "left", "right")
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 
 _MASK64 = (1 << 64) - 1
@@ -39,12 +39,15 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def basis_seed(seed: int, index: int, step: int) -> int:
+def basis_seed(seed: int, index: int, step: int, side: int = 0) -> int:
     """Seed of the random basis drawn for parameter ``index`` at the refresh before step
-    ``step + 1`` (``step`` = number of steps already taken): a splitmix64 hash, in [0, 2^63)."""
+    ``step + 1`` (``step`` = number of steps already taken): a splitmix64 hash, in [0, 2^63).
+    ``side=1`` seeds the second (right) basis of ``proj_type='full'``."""
     h = _splitmix64(seed & _MASK64)
     h = _splitmix64(h ^ index)
     h = _splitmix64(h ^ step)
+    if side:
+        h = _splitmix64(h ^ side)
     return h & ((1 << 63) - 1)
 
 
@@ -66,14 +69,21 @@ def random_orthonormal(k: int, r: int, *, seed: int, device=None, dtype=torch.fl
     return Q * signs
 
 
-def top_singular_vectors(G: Tensor, r: int) -> Tensor:
-    """The top-``r`` left singular vectors of ``G`` (``torch.linalg.svd``, batched over leading
-    dimensions), each column's sign chosen so that its entry of largest magnitude is positive
-    (scikit-learn's ``svd_flip``): the basis is then a function of ``G`` alone, not of the SVD
-    backend's sign convention."""
-    U = torch.linalg.svd(G, full_matrices=False)[0][..., :r]
+def top_singular_pairs(G: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The top-``r`` left and right singular vectors ``(U_r, V_r)`` of ``G = U S V^T``
+    (``torch.linalg.svd``, batched over leading dimensions), each pair's sign chosen so that the
+    entry of largest magnitude of its left vector is positive (scikit-learn's ``svd_flip``): the
+    bases are then a function of ``G`` alone, not of the SVD backend's sign convention."""
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    U, V = U[..., :r], Vh[..., :r, :].mT
     peak = U.gather(-2, U.abs().argmax(dim=-2, keepdim=True))
-    return U * torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
+    signs = torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
+    return U * signs, V * signs
+
+
+def top_singular_vectors(G: Tensor, r: int) -> Tensor:
+    """The top-``r`` left singular vectors of ``G``, sign-fixed as in :func:`top_singular_pairs`."""
+    return top_singular_pairs(G, r)[0]
 
 
 def golore_switch_step(golore_fraction: float, total_steps: int | None) -> int:
@@ -105,6 +115,7 @@ class GaLoreConfig(HyperParameters):
     total_steps: int | None = hyper(None, Optional(STEPS))
     seed: int = hyper(0, Integer(0))
     reproject_moments: bool = hyper(True, Flag())
+    transposed: bool = hyper(False, Flag())
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -139,7 +150,12 @@ class GaLore(MatrixOptimizer):
                N = B, or R_t + mu B with nesterov, or R_t when mu = 0
         W <- W (1 - lr wd) - lr scale (P N, transposed back on the right side)
 
-    with ``s`` the number of steps applied so far (skipped ones excluded).
+    with ``s`` the number of steps applied so far (skipped ones excluded). ``proj_type='full'``
+    projects both sides of ``X = G`` (galore-torch's ``'full'``): a refresh takes the top-r left
+    and right singular vectors ``(P, Q)`` of one SVD (GoLore: two random bases), moments are
+    ``r x r``::
+
+        M <- P_new^T P M Q^T Q_new,   R_t = P^T X_t Q,   update P N Q^T
 
     Args:
         params: matrices (2-D or more, viewed as ``(shape[0], prod(shape[1:]))``).
@@ -147,8 +163,9 @@ class GaLore(MatrixOptimizer):
         rank (int): ``r``, clamped to ``min(m, n)``. Default 128.
         update_proj_gap (int): ``tau``, steps between basis refreshes. Default 200.
         scale (float): ``alpha``, > 0. Default 1.0.
-        proj_type (str): ``'std'`` (left when ``m < n``, else right), ``'left'`` or ``'right'``.
-            Default ``'std'``.
+        proj_type (str): ``'std'`` (the short side: left when ``m < n``, else right),
+            ``'reverse_std'`` (the long side: left when ``m >= n``, else right), ``'left'``,
+            ``'right'`` or ``'full'`` (both sides). Default ``'std'``.
         inner (str): ``'adamw'`` or ``'sgd'``. Default ``'adamw'``.
         betas (tuple): AdamW's ``(b1, b2)``, each in [0, 1). Default (0.9, 0.999).
         eps (float): AdamW's eps, > 0. Default 1e-6.
@@ -162,17 +179,23 @@ class GaLore(MatrixOptimizer):
         total_steps (int | None): ``N``, needed when ``0 < golore_fraction < 1``. Default None.
         seed (int): seed of the random bases. Default 0.
         reproject_moments (bool): carry the first moment into a new basis. Default True.
+        transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
+            ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
+            tested on CPU), so ``m = out``, ``n = in`` and ``proj_type`` refers to ``(out, in)``.
+            Default False.
 
     Notes:
         He et al., "Subspace Optimization for Large Language Models with Convergence
         Guarantees" (ICML 2025), Algorithm 1, as the authors' ``golore_torch`` code; defaults
-        are galore-torch's. The SVD basis is sign-fixed (:func:`top_singular_vectors`). The
+        are galore-torch's. The SVD basis is sign-fixed (:func:`top_singular_pairs`). The
         random basis of parameter ``i`` (its ``state_dict`` index) at a refresh after ``j``
-        steps is ``random_orthonormal(k, r, seed=basis_seed(seed, i, j))``: it consumes nothing
+        steps is ``random_orthonormal(k, r, seed=basis_seed(seed, i, j))`` (``'full'``'s right
+        one: ``random_orthonormal(l, r, seed=basis_seed(seed, i, j, side=1))``): it consumes nothing
         from torch's global generator and a resumed run draws the same bases. Same-shape
         matrices are stacked (one batched SVD). State (float32; float64 for float64
-        parameters): ``projector`` ``(k, r)``; ``exp_avg`` and ``exp_avg_sq`` (adamw) or
-        ``momentum_buffer`` (sgd, ``momentum > 0``), ``(r, l)``; ``applied_steps`` (``s``);
+        parameters): ``projector`` ``(k, r)`` (and ``right_projector`` ``(l, r)`` for
+        ``'full'``); ``exp_avg`` and ``exp_avg_sq`` (adamw) or ``momentum_buffer`` (sgd,
+        ``momentum > 0``), ``(r, l)`` (``(r, r)`` for ``'full'``); ``applied_steps`` (``s``);
         ``step`` (CPU, every call, so refreshes follow the number of calls) and the counters
         ``skipped_steps`` and ``basis_failures`` (a non-finite basis keeps the previous one).
         Differences from the official codes and exact equivalences with ``torch.optim.SGD`` /
@@ -185,9 +208,11 @@ class GaLore(MatrixOptimizer):
 
     @staticmethod
     def projects_right(group: dict, m: int, n: int) -> bool:
-        """Whether a ``(m, n)`` matrix is projected on the right (``G P``) rather than the left."""
+        """Whether a ``(m, n)`` matrix is projected on the right (``G P``) rather than the left
+        (``'full'`` projects on both sides, its first basis on the left)."""
         proj_type = group["proj_type"]
-        return proj_type == "right" or (proj_type == "std" and m >= n)
+        return (proj_type == "right" or (proj_type == "std" and m >= n)
+                or (proj_type == "reverse_std" and m < n))
 
     @staticmethod
     def uses_random_basis(group: dict, steps_taken: int) -> bool:
@@ -195,50 +220,71 @@ class GaLore(MatrixOptimizer):
         return steps_taken >= golore_switch_step(group["golore_fraction"], group["total_steps"])
 
     def layouts(self, p: Tensor, group: dict) -> list[Single]:
-        return [Single.matrix(p, self.projects_right(group, p.shape[0], math.prod(p.shape[1:])))]
+        transposed = group["transposed"]
+        right = self.projects_right(group, *matrix_shape(p.shape, transposed))
+        return [Single.matrix(p, right, transposed)]
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         k, l = self.layouts(p, group)[0].shape
         r = min(group["rank"], k, l)
+        full = group["proj_type"] == "full"
+        cols = r if full else l  # moments: (r, r) projected on both sides, else (r, l)
         zeros = dict(dtype=self.state_dtype(p), device=p.device)
         if "projector" not in state:
             state["projector"] = torch.zeros(k, r, **zeros)
             state["applied_steps"] = torch.zeros((), **zeros)
+        if full and "right_projector" not in state:
+            state["right_projector"] = torch.zeros(l, r, **zeros)
         if group["inner"] == "adamw" and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(r, l, **zeros)
-            state["exp_avg_sq"] = torch.zeros(r, l, **zeros)
+            state["exp_avg"] = torch.zeros(r, cols, **zeros)
+            state["exp_avg_sq"] = torch.zeros(r, cols, **zeros)
         if group["inner"] == "sgd" and group["momentum"] > 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros(r, l, **zeros)
+            state["momentum_buffer"] = torch.zeros(r, cols, **zeros)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if any("projector" in s and "applied_steps" not in s for s in state_dict["state"].values()):
+        if any(isinstance(s, dict) and "projector" in s and "applied_steps" not in s
+               for s in state_dict["state"].values()):
             raise ValueError(f"this {type(self).__name__} state_dict was written by asgo 0.1, whose "
                              f"moments were stored (m, r) on the right side and which counted applied "
                              f"steps differently; resume it with asgo 0.1")
         super().load_state_dict(state_dict)
 
-    def new_basis(self, group: dict, X: Tensor, r: int, bucket: Bucket) -> Tensor:
-        """The ``(B, k, r)`` bases of a refresh: sign-fixed SVD, or seeded random ones."""
+    def new_basis(self, group: dict, X: Tensor, r: int, bucket: Bucket,
+                  two_sided: bool) -> tuple[Tensor, Tensor | None]:
+        """The ``(B, k, r)`` bases of a refresh, and the ``(B, l, r)`` right ones when
+        ``two_sided``: sign-fixed SVD, or seeded random ones."""
         steps_taken = bucket.step - 1
         if not self.uses_random_basis(group, steps_taken):
-            return top_singular_vectors(X, r)
-        return torch.stack([
-            random_orthonormal(X.shape[-2], r, seed=basis_seed(group["seed"], i, steps_taken),
-                               device=X.device, dtype=X.dtype) for i in bucket.indices])
+            P, Q = top_singular_pairs(X, r)
+            return P, Q if two_sided else None
+
+        def draw(size: int, side: int) -> Tensor:
+            return torch.stack([
+                random_orthonormal(size, r, seed=basis_seed(group["seed"], i, steps_taken, side),
+                                   device=X.device, dtype=X.dtype) for i in bucket.indices])
+
+        return draw(X.shape[-2], 0), draw(X.shape[-1], 1) if two_sided else None
 
     def compute(self, group: dict, X: Tensor, S: dict[str, Tensor], bucket: Bucket) -> Update:
-        P, new, faults = S["projector"], {}, {}
+        P, Q, new, faults = S["projector"], S.get("right_projector"), {}, {}
         first = "exp_avg" if group["inner"] == "adamw" else "momentum_buffer"
         M = S.get(first)
         if (bucket.step - 1) % group["update_proj_gap"] == 0:
-            P_new = self.new_basis(group, X, P.shape[-1], bucket)
+            P_new, Q_new = self.new_basis(group, X, P.shape[-1], bucket, Q is not None)
             ok = torch.isfinite(P_new).flatten(1).all(1)
+            if Q is not None:
+                ok = ok & torch.isfinite(Q_new).flatten(1).all(1)
             faults["basis_failures"] = (~ok).to(torch.int64)
             ok = ok.reshape(-1, 1, 1)
             if M is not None and group["reproject_moments"]:
-                M = torch.where(ok, (P_new.mT @ P) @ M, M)
+                M_new = (P_new.mT @ P) @ M
+                if Q is not None:
+                    M_new = M_new @ (Q.mT @ Q_new)
+                M = torch.where(ok, M_new, M)
             P = new["projector"] = torch.where(ok, P_new, P)
-        R = P.mT @ X
+            if Q is not None:
+                Q = new["right_projector"] = torch.where(ok, Q_new, Q)
+        R = P.mT @ X if Q is None else P.mT @ X @ Q
         s = new["applied_steps"] = S["applied_steps"] + 1
         s = s.reshape(-1, 1, 1)
         if group["inner"] == "adamw":
@@ -252,7 +298,8 @@ class GaLore(MatrixOptimizer):
             N = R + mu * M if group["nesterov"] else M
         else:
             N = R
-        return Update((P @ N).mul_(group["scale"]), new, faults)
+        U = P @ N if Q is None else P @ N @ Q.mT
+        return Update(U.mul_(group["scale"]), new, faults)
 
 
 @dataclass

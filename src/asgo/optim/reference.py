@@ -54,10 +54,13 @@ def polar_factor(X: Tensor) -> Tensor:
     return U @ Vh
 
 
-def damped_fourth_root(A: Tensor, eps: float, floor: float = FLOAT64_ROUNDOFF_FLOOR) -> Tensor:
-    """Shampoo's root ``(A + d I)^(-1/4)`` with ``d = eps + floor ||A||_F``."""
+def damped_fourth_root(A: Tensor, eps: float, floor: float = FLOAT64_ROUNDOFF_FLOOR,
+                       relative: bool = False) -> Tensor:
+    """Shampoo's root ``(A + d I)^(-1/4)`` with ``d = max(eps, floor ||A||_F)``, or
+    ``d = max(eps, floor) ||A||_F`` when ``relative``."""
     eye = torch.eye(A.shape[0], dtype=A.dtype)
-    return matrix_power(A + (eps + floor * A.norm()) * eye, -0.25)
+    d = max(eps, floor) * A.norm() if relative else max(eps, floor * A.norm())
+    return matrix_power(A + d * eye, -0.25)
 
 
 def _sign_fixed(U: Tensor) -> Tensor:
@@ -124,11 +127,12 @@ def muon_step(W, G, state, *, lr, momentum, nesterov, weight_decay, adjust_lr_fn
 
 def shampoo_step(W, G, state, *, lr, momentum, beta2, eps, weight_decay, grafting,
                  grafting_eps=1e-10, precondition_frequency=1, start_preconditioning_step=1,
-                 floor=FLOAT64_ROUNDOFF_FLOOR):
+                 relative_eps=False, pre_start_update="momentum", floor=FLOAT64_ROUNDOFF_FLOOR):
     """Shampoo as :class:`asgo.Shampoo` (the ASGO authors' baseline), one block (no blocking):
     ``U = L^(-1/4) M R^(-1/4)`` with damped roots (:func:`damped_fourth_root`; ``floor`` is the
     round-off floor, 16 finfo.eps of the dtype mimicked), grafted to the norm of Adam's
-    ``M / sqrt(v + grafting_eps)`` when ``grafting='adam'``."""
+    ``A = M / sqrt(v + grafting_eps)`` when ``grafting='adam'``. Before step ``s`` the roots are
+    the identity, and with ``pre_start_update='grafting'`` (and Adam grafting) ``U = A``."""
     m, n = W.shape
     if not state:
         state.update(t=0, M=torch.zeros_like(W), v=torch.zeros_like(W),
@@ -141,10 +145,12 @@ def shampoo_step(W, G, state, *, lr, momentum, beta2, eps, weight_decay, graftin
     R = state["R"] = beta2 * state["R"] + (1 - beta2) * G.T @ G
     start, tau = start_preconditioning_step, precondition_frequency
     if t >= start and (t - start) % tau == 0:
-        state["P"], state["Q"] = damped_fourth_root(L, eps, floor), damped_fourth_root(R, eps, floor)
+        state["P"] = damped_fourth_root(L, eps, floor, relative_eps)
+        state["Q"] = damped_fourth_root(R, eps, floor, relative_eps)
     U = state["P"] @ M @ state["Q"]
     if grafting == "adam":
-        U = U * (M / (v + grafting_eps).sqrt()).norm() / U.norm()
+        A = M / (v + grafting_eps).sqrt()
+        U = A if t < start and pre_start_update == "grafting" else U * A.norm() / U.norm()
     return W * (1 - lr * weight_decay) - lr * U
 
 
@@ -190,32 +196,48 @@ def galore_step(W, G, state, *, rank, update_proj_gap, lr, proj_type="std", inne
                 dampening=0.0, nesterov=False, golore_fraction=0.0, total_steps=None, seed=0,
                 index=0, reproject_moments=True):
     """GaLore / GoLore (He et al., Algorithm 1), :class:`asgo.GaLore`, in the natural orientation
-    (left: ``R = P^T G``, ``P`` m x r; right: ``R = G P``, ``P`` n x r). The basis is refreshed
-    after ``k = 0, tau, 2 tau, ...`` steps: the sign-fixed top-r singular vectors of ``G`` by
-    SVD (GaLore), or, once ``k >= (1 - golore_fraction) total_steps``, the random orthonormal
-    basis of :func:`asgo.optim.galore.random_orthonormal` seeded by ``basis_seed(seed, index,
-    k)`` (GoLore; ``index`` is the parameter's index in the optimizer)."""
+    (left: ``R = P^T G``, ``P`` m x r; right: ``R = G P``, ``P`` n x r; full: ``R = P^T G Q``).
+    ``'std'`` projects the short side (right when ``m >= n``), ``'reverse_std'`` the long one
+    (left when ``m >= n``). The basis is refreshed after ``k = 0, tau, 2 tau, ...`` steps: the
+    sign-fixed top-r singular vectors of ``G`` by SVD (GaLore; for ``'full'`` ``P = U_r``,
+    ``Q = V_r`` with the signs fixed on ``U_r``), or, once ``k >= (1 - golore_fraction)
+    total_steps``, the random orthonormal basis of :func:`asgo.optim.galore.random_orthonormal`
+    seeded by ``basis_seed(seed, index, k)`` (``Q``: ``basis_seed(seed, index, k, 1)``) (GoLore;
+    ``index`` is the parameter's index in the optimizer)."""
     m, n = W.shape
-    right = proj_type == "right" or (proj_type == "std" and m >= n)
+    full = proj_type == "full"
+    right = (proj_type == "right" or (proj_type == "std" and m >= n)
+             or (proj_type == "reverse_std" and m < n))
     r = min(rank, m, n)
     if not state:
-        shape = (m, r) if right else (r, n)
+        shape = (r, r) if full else (m, r) if right else (r, n)
         state.update(t=0, P=torch.zeros(n if right else m, r, dtype=F64),
+                     Q=torch.zeros(n, r, dtype=F64),
                      M=torch.zeros(shape, dtype=F64), V=torch.zeros(shape, dtype=F64))
     t = state["t"] = state["t"] + 1
-    P, M, V = state["P"], state["M"], state["V"]
+    P, Q, M, V = state["P"], state["Q"], state["M"], state["V"]
     k = t - 1  # steps taken before this one
     if k % update_proj_gap == 0:
+        Q_new = Q
         if golore_fraction > 0 and k >= (1 - golore_fraction) * (total_steps or 0) - 1e-9:
             P_new = random_orthonormal(P.shape[0], r, seed=basis_seed(seed, index, k), dtype=F64)
+            if full:
+                Q_new = random_orthonormal(n, r, seed=basis_seed(seed, index, k, 1), dtype=F64)
+        elif full:
+            U, _, Vh = torch.linalg.svd(G)
+            signs = torch.sign(U[U[:, :r].abs().argmax(dim=0), torch.arange(r)])
+            P_new, Q_new = U[:, :r] * signs, Vh[:r].T * signs
         elif right:
             P_new = _sign_fixed(torch.linalg.svd(G).Vh[:r].T)
         else:
             P_new = _sign_fixed(torch.linalg.svd(G).U[:, :r])
         if reproject_moments:  # carry the first moment into the new basis
-            M = M @ (P.T @ P_new) if right else (P_new.T @ P) @ M
-        P = P_new
-    R = G @ P if right else P.T @ G
+            if full:
+                M = (P_new.T @ P) @ M @ (Q.T @ Q_new)
+            else:
+                M = M @ (P.T @ P_new) if right else (P_new.T @ P) @ M
+        P, Q = P_new, Q_new
+    R = P.T @ G @ Q if full else G @ P if right else P.T @ G
     if inner == "adamw":
         beta1, beta2 = betas
         M = beta1 * M + (1 - beta1) * R
@@ -226,8 +248,8 @@ def galore_step(W, G, state, *, rank, update_proj_gap, lr, proj_type="std", inne
         N = R + momentum * M if nesterov else M
     else:
         N = R
-    state.update(P=P, M=M, V=V)
-    U = N @ P.T if right else P @ N
+    state.update(P=P, Q=Q, M=M, V=V)
+    U = P @ N @ Q.T if full else N @ P.T if right else P @ N
     return W * (1 - lr * weight_decay) - lr * scale * U
 
 

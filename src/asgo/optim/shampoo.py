@@ -3,8 +3,6 @@ preconditioning with inverse fourth roots, grafted to the Adam update norm."""
 
 from __future__ import annotations
 
-import math
-
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -14,9 +12,12 @@ from torch import Tensor
 
 from asgo.linalg import inverse_fourth_root
 from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update
-from asgo.optim._config import LR, POSITIVE, STEPS, UNIT, Choice, RootSchedule, hyper, root_due
+from asgo.optim._config import (LR, POSITIVE, STEPS, UNIT, Choice, Flag, RootSchedule, hyper,
+                                root_due)
+from asgo.optim._layout import logical_matrix, matrix_shape
 
 GRAFTING_TYPES = ("adam", "none")
+PRE_START_UPDATES = ("momentum", "grafting")
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,13 @@ def _factor_sizes(plan: tuple[BlockClass, ...]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Tile:
-    """The :class:`Layout` of one block class of a parameter: its ``(count, r, c)`` blocks, with
-    the factors viewed in the flat ``left*``/``right*`` buffers."""
+    """The :class:`Layout` of one block class of a parameter: its ``(count, r, c)`` blocks of the
+    logical matrix (the transpose when ``transposed``), with the factors viewed in the flat
+    ``left*``/``right*`` buffers."""
 
     k: BlockClass
     param_shape: torch.Size
+    transposed: bool = False
     views: ClassVar[bool] = False
 
     @property
@@ -110,7 +113,7 @@ class Tile:
         return self.k.count
 
     def _matrix(self, t: Tensor) -> Tensor:
-        return t.view(self.param_shape[0], -1)
+        return logical_matrix(t, self.transposed)
 
     def blocks(self, t: Tensor) -> Tensor:
         return self.k.blocks(self._matrix(t))
@@ -134,6 +137,15 @@ class ShampooConfig(RootSchedule):
     grafting: str = hyper("adam", Choice(GRAFTING_TYPES))
     grafting_eps: float = hyper(1e-10, POSITIVE)
     max_preconditioner_dim: int = hyper(8192, STEPS)
+    transposed: bool = hyper(False, Flag())
+    relative_eps: bool = hyper(False, Flag())
+    pre_start_update: str = hyper("momentum", Choice(PRE_START_UPDATES))
+
+    def check_combination(self) -> None:
+        super().check_combination()
+        if self.pre_start_update == "grafting" and self.grafting == "none":
+            raise ValueError("invalid pre_start_update: 'grafting' needs a grafting method, got "
+                             "grafting='none' (expected pre_start_update='momentum')")
 
 
 class Shampoo(MatrixOptimizer):
@@ -147,11 +159,13 @@ class Shampoo(MatrixOptimizer):
         R_t = beta2 R_{t-1} + (1 - beta2) G_t^T G_t        # n x n, R_0 = 0
         P_t = (L_t + d(L_t) I)^(-1/4),  Q_t = (R_t + d(R_t) I)^(-1/4)   on root steps,
               else P_{t-1}, Q_{t-1}                        (P_0 = Q_0 = I)
-              with d(X) = eps + 16 finfo.eps ||X||_F
+              with d(X) = max(eps, 16 finfo.eps ||X||_F)    relative_eps=False
+                   d(X) = max(eps, 16 finfo.eps) ||X||_F    relative_eps=True
         U_t = P_t M_t Q_t
         grafting='adam':                                   # same beta2, no bias correction
             v_t = beta2 v_{t-1} + (1 - beta2) G_t * G_t
             U_t <- U_t ||A_t||_F / ||U_t||_F,  A_t = M_t / sqrt(v_t + grafting_eps)
+            t < s and pre_start_update='grafting':  U_t <- A_t   (Distributed Shampoo)
         W_t = W_{t-1} (1 - lr wd) - lr U_t
 
     Args:
@@ -159,11 +173,12 @@ class Shampoo(MatrixOptimizer):
         lr (float | Tensor): step size. Default 5e-3.
         momentum (float): ``beta1``, in [0, 1). Default 0.9.
         beta2 (float): EMA coefficient of ``L``, ``R`` and ``v``, in [0, 1). Default 0.999.
-        eps (float): absolute damping of ``L`` and ``R``, > 0. Default 1e-10.
+        eps (float): damping of ``L`` and ``R``, > 0: absolute, or relative to ``||X||_F``
+            with ``relative_eps``. Default 1e-10 (absolute, the authors' value).
         weight_decay (float): decoupled, multiplied by ``lr``. Default 0.1.
         precondition_frequency (int): ``tau``, steps between roots. Default 1.
         start_preconditioning_step (int): ``s``, the first root step; before it the roots are
-            the identity (the update is the grafted momentum). Default 1.
+            the identity (the update is ``pre_start_update``'s). Default 1.
         root_method (str): ``'polar_express'``, ``'newton_schulz'`` (two inverse square roots)
             or ``'eigh'`` (:func:`asgo.linalg.inverse_fourth_root`). Default ``'polar_express'``.
         root_steps (int): iterations per square root. Default 10.
@@ -172,12 +187,26 @@ class Shampoo(MatrixOptimizer):
         max_preconditioner_dim (int): a side longer than ``d`` is split into ``ceil(side / d)``
             near-equal chunks; each block gets its own factors, roots and grafting norm, exactly
             as a separate parameter. Fixed once training has started. Default 8192.
+        transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
+            ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
+            tested on CPU), so its blocks, ``L`` (output side) and ``R`` (input side) are those of
+            ``(out, in)``. Default False.
+        relative_eps (bool): ``d(X) = max(eps, 16 finfo.eps) ||X||_F``, scale-free: the
+            update does not depend on the gradients' scale (``grafting='none'``; with Adam
+            grafting only through ``grafting_eps``). Default False.
+        pre_start_update (str): the update before step ``s``: ``'momentum'`` (``M_t``, grafted
+            to the Adam norm when ``grafting='adam'``) or ``'grafting'`` (the grafting method's
+            own update ``A_t``, as Distributed Shampoo; needs ``grafting='adam'``). Default
+            ``'momentum'``.
 
     Notes:
         Shampoo: Gupta, Koren & Singer, ICML 2018 (arXiv 1802.09568); the conventions are the
         ASGO authors' baseline, whose values are the defaults (their roots: coupled Newton to
-        tolerance 1e-6; ours Polar Express). The round-off floor in ``d`` keeps the float32
-        roots of rank-deficient factors bounded (see :func:`asgo.linalg.inverse_fourth_root`).
+        tolerance 1e-6; ours Polar Express). ``d`` is exactly ``eps`` (``eps ||X||_F``) above the
+        round-off floor ``16 finfo.eps ||X||_F`` (float32: ``1.9e-6 ||X||_F``), which keeps the
+        float32 roots of rank-deficient factors bounded (see
+        :func:`asgo.linalg.inverse_fourth_root`); so in float32 an absolute ``eps`` acts only
+        while ``||X||_F < eps / 1.9e-6`` (``5.2e-5`` for 1e-10), a relative one when above 1.9e-6.
         Same-shape blocks are stacked and every root of one size in a group goes through one
         batched call. State (float32; float64 for float64 parameters): ``momentum``,
         ``exp_avg_sq`` (grafting 'adam'), the flat ``left``, ``right``, ``left_root``,
@@ -192,11 +221,12 @@ class Shampoo(MatrixOptimizer):
     COUNTERS = ("skipped_steps", "root_failures")
 
     def layouts(self, p: Tensor, group: dict) -> list[Tile]:
-        return [Tile(k, p.shape) for k in self._plan(p, group)]
+        return [Tile(k, p.shape, group["transposed"]) for k in self._plan(p, group)]
 
     @staticmethod
     def _plan(p: Tensor, group: dict) -> tuple[BlockClass, ...]:
-        return block_plan(p.shape[0], math.prod(p.shape[1:]), group["max_preconditioner_dim"])
+        rows, cols = matrix_shape(p.shape, group["transposed"])
+        return block_plan(rows, cols, group["max_preconditioner_dim"])
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         dtype, device = self.state_dtype(p), p.device
@@ -218,8 +248,9 @@ class Shampoo(MatrixOptimizer):
 
     def block_factors(self, p: Tensor) -> list[dict]:
         """Per block of ``p`` (ordered by row start, then column start): its ``rows`` and ``cols``
-        slices of the ``(shape[0], prod(shape[1:]))`` view and views of its ``left``, ``right``,
-        ``left_root`` and ``right_root`` matrices in the optimizer state."""
+        slices of the logical matrix (``(shape[0], prod(shape[1:]))``, or ``p^T`` when its group
+        is ``transposed``) and views of its ``left``, ``right``, ``left_root`` and ``right_root``
+        matrices in the optimizer state."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         state = self.state[p]
         out = []
@@ -240,14 +271,18 @@ class Shampoo(MatrixOptimizer):
         R = S["right"].lerp(G.mT @ G, 1 - beta2)
         P, Q = S["left_root"], S["right_root"]
         if root_due(group, bucket.step):
-            options = dict(method=group["root_method"], steps=group["root_steps"], eps=group["eps"])
+            options = dict(method=group["root_method"], steps=group["root_steps"], eps=group["eps"],
+                           relative=group["relative_eps"])
             P, Q = yield [Root(inverse_fourth_root, L, P, options),
                           Root(inverse_fourth_root, R, Q, options)]
-        U = P @ M @ Q
         new = dict(momentum=M, left=L, right=R, left_root=P, right_root=Q)
+        pre_start = bucket.step < group["start_preconditioning_step"]
+        U = M if pre_start else P @ M @ Q  # identity roots before s
         if group["grafting"] == "adam":
             v = new["exp_avg_sq"] = S["exp_avg_sq"].lerp(G * G, 1 - beta2)
             A = M / (v + group["grafting_eps"]).sqrt()
+            if pre_start and group["pre_start_update"] == "grafting":
+                return Update(A, new)
             norm_u = torch.linalg.matrix_norm(U, keepdim=True).clamp_min(torch.finfo(U.dtype).tiny)
             U = U * (torch.linalg.matrix_norm(A, keepdim=True) / norm_u)
         return Update(U, new)
