@@ -107,6 +107,7 @@ def test_a_run_of_another_configuration_is_trained_again(grid, tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger=module.__name__):
         again = module.run_one(other, "adamw", 0.003, 0, run_dir)
     assert len(calls) == 1 and calls[0].train.train_steps == 5
+    assert calls[0].train.overwrite is True  # asgo-train refuses a run directory holding a run otherwise
     assert "model.n_layer" in caplog.text and "train.train_steps" in caplog.text
     assert again["final_val_loss"] == 2.5  # not the stale 6-step number
     assert json.loads((run_dir / CONFIG_FILE).read_text())["train"]["train_steps"] == 5

@@ -56,7 +56,7 @@ RUN_FIELDS = ("optimizer", "lr", "seed", "final_val_loss", "best_val_loss", "ste
               "seconds_to_target", "train_seconds", "tokens_per_s", "peak_memory_bytes",
               "optimizer_state_bytes", "skipped_steps", "diverged")
 CONFIG_FILE = "compare_config.json"  # in each run directory: its resolved asgo-train configuration
-NOT_COMPARED = ("train.out_dir",)  # keys of the stored configuration a reused run may differ in
+NOT_COMPARED = ("train.out_dir", "train.overwrite")  # keys of the stored configuration a reused run may differ in
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -169,6 +169,7 @@ def run_one(cfg: DictConfig, optimizer: str, lr: float, seed: int, out_dir: Path
     else:
         for stale in (summary_path, config_path):
             stale.unlink(missing_ok=True)
+        run.train.overwrite = True  # the comparison's own run directory, to be trained again
         log.info("%s lr=%g seed=%d -> %s", optimizer, lr, seed, out_dir)
         diverged_error = getattr(train_module, "Diverged", None)  # train stopping at a non-finite loss
         try:
