@@ -34,9 +34,11 @@ from asgo.harness.models import build_model
 VARIANTS: list[tuple[str, str, dict]] = [
     ("adamw", "adamw", {}),
     ("asgo tau=1", "asgo", {"precondition_frequency": 1}),
+    ("asgo tau=5 (default)", "asgo", {}),
     ("asgo tau=10", "asgo", {"precondition_frequency": 10}),
     ("dasgo", "dasgo", {}),
     ("muon", "muon", {}),
+    ("muon fp32 NS", "muon", {"ns_dtype": "float32"}),
     ("shampoo tau=1", "shampoo", {"precondition_frequency": 1}),
     ("shampoo tau=10", "shampoo", {"precondition_frequency": 10}),
     ("adafactor", "adafactor", {}),

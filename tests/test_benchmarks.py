@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import asgo
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -34,9 +36,10 @@ def test_step_time_smoke(tmp_path, capsys, one_thread):
     out = tmp_path / "step.json"
     results = bench.main(["--smoke", "--device", "cpu", "--json", str(out)])
     names = [r["optimizer"] for r in results]
-    assert names == [v[0] for v in bench.VARIANTS]  # every optimizer, AdamW first
-    for stem in ("adamw", "asgo tau=1", "asgo tau=10", "dasgo", "muon", "shampoo tau=1", "shampoo tau=10",
-                 "adafactor", "galore", "golore"):
+    assert names == [v[0] for v in bench.VARIANTS] + bench.AUTHORS_ROWS  # every optimizer, AdamW first
+    for stem in ("adamw", "asgo tau=1", "asgo tau=5", "asgo tau=10", "dasgo", "muon", "muon fp32 NS",
+                 "shampoo tau=1", "shampoo tau=10", "adafactor", "galore", "golore", "authors' loop tau=1",
+                 "asgo tau=1 official unsplit"):
         assert any(n.startswith(stem) for n in names), stem
     base = results[0]
     assert base["median_x_adamw"] == 1.0 and base["state_x_adamw"] == 1.0
@@ -49,7 +52,33 @@ def test_step_time_smoke(tmp_path, capsys, one_thread):
     assert by["shampoo tau=1"]["state_bytes"] > base["state_bytes"]
     table = capsys.readouterr().out
     assert "| adamw | " in table and "x AdamW" in table
-    assert json.loads(out.read_text())["results"][0]["optimizer"] == "adamw"
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["optimizer"] == "adamw"
+    # every ratio of ASGO's rows to AdamW, both Muons and the authors' loop, from this run's medians
+    assert [(r["row"], r["over"]) for r in saved["ratios"]] == bench.RATIOS
+    for r in saved["ratios"]:
+        assert r["median_s"] == by[r["row"]]["median_s"] / by[r["over"]]["median_s"]
+    assert "| asgo tau=1 / muon fp32 NS |" in table
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16)])
+def test_authors_loop_is_the_official_maths(shape):
+    """The benchmark's per-parameter loop follows asgo.ASGO(compat='official') (tested against a
+    transcription of the authors' step) over 6 steps of full-rank gradients at scale 1e-3."""
+    bench = load("step_time")
+    settings = bench.config_settings("asgo", {"precondition_frequency": 1})
+    torch.manual_seed(0)
+    W0 = torch.randn(shape) * 0.5
+    grads = [torch.randn(shape) * 1e-3 for _ in range(6)]
+    loop_p, lib_p = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
+    loop = bench.make_optimizer("authors' loop tau=1", [loop_p], [1])
+    lib = asgo.ASGO([lib_p], **{**settings, "compat": "official"})
+    for g in grads:
+        loop_p.grad, lib_p.grad = g.clone(), g.clone()
+        loop.step()
+        lib.step()
+        moved = (lib_p - W0).norm()
+        assert (loop_p - lib_p).norm() / moved < 1e-5
 
 
 def test_step_time_shapes_follow_the_model():

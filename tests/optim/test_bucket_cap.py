@@ -106,6 +106,28 @@ def test_capped_step_is_bitwise_the_uncapped_step(name, scale):
         assert opt.diagnostics()["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("name, settings", [
+    ("asgo", dict(precondition_frequency=1)),
+    ("asgo", dict(precondition_frequency=1, compat="official")),
+    ("shampoo_blocked", {}),
+])
+def test_roots_in_calls_of_one_matrix_are_bitwise_one_call(name, settings, monkeypatch):
+    """On CPU the roots of one size run in calls of at most ``ROOT_CALL_BYTES_CPU``: with calls
+    of a single matrix, parameters, state and counters equal those of one call per size."""
+    import asgo.optim._base as base
+
+    cls, base_settings = SETTINGS[name]
+    settings = {**base_settings, **settings}
+    reference, ref_opt = run(cls, settings, None, 1e-3)
+    monkeypatch.setattr(base, "ROOT_CALL_BYTES_CPU", 1)
+    trajectory, opt = run(cls, settings, None, 1e-3)
+    for step, (got, want) in enumerate(zip(trajectory, reference)):
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"parameter {i} differs after step {step}"
+    assert_equal_state_dicts(opt.state_dict(), ref_opt.state_dict())
+    assert opt.diagnostics() == ref_opt.diagnostics()
+
+
 def test_resumed_capped_run_continues_the_uncapped_run_exactly():
     """A state_dict saved uncapped loads into a capped optimizer, which continues the run bit for
     bit and keeps its own cap (the cap is not state)."""

@@ -39,10 +39,11 @@ class Row:
 
 
 ROWS = {
-    "asgo": Row(optim.ASGO, step_free=True, root="inv_root"),
+    "asgo": Row(optim.ASGO, root="inv_root"),  # tau = 5: the step count decides the root steps
     "asgo_eigh_tau3": Row(optim.ASGO, dict(root_method="eigh", precondition_frequency=3),
                           root="inv_root"),
-    "asgo_newton_schulz": Row(optim.ASGO, dict(root_method="newton_schulz"), root="inv_root"),
+    "asgo_newton_schulz_tau1": Row(optim.ASGO, dict(root_method="newton_schulz", precondition_frequency=1),
+                                   step_free=True, root="inv_root"),
     "dasgo": Row(optim.DASGO, step_free=True),
     "shampoo": Row(optim.Shampoo, step_free=True, root="left_root"),
     "shampoo_eigh_tau2_blocked": Row(optim.Shampoo, dict(root_method="eigh", precondition_frequency=2,

@@ -101,11 +101,12 @@ class ASGO(MatrixOptimizer):
 
     def compute(self, group: dict, G: Tensor, S: dict[str, Tensor], bucket: Bucket):
         beta2, official = group["beta2"], group["compat"] == "official"
-        M = S["momentum"].lerp(G, 1 - group["momentum"])
+        P = G @ G.mT
+        M = torch.lerp(S["momentum"], G, 1 - group["momentum"], out=G)  # G is not read again
         if official:  # the authors' V.mul_(beta2).add_(P, alpha=1 - beta2), rounded as theirs
-            V = torch.add(S["preconditioner"] * beta2, G @ G.mT, alpha=1 - beta2)
+            V = torch.add(S["preconditioner"] * beta2, P, alpha=1 - beta2)
         else:
-            V = S["preconditioner"].lerp(G @ G.mT, 1 - beta2)
+            V = S["preconditioner"].lerp(P, 1 - beta2)
         Q = S["inv_root"]
         if root_due(group, bucket.step):
             options = dict(method=group["root_method"], steps=group["root_steps"], eps=group["eps"])
@@ -119,5 +120,5 @@ class ASGO(MatrixOptimizer):
                       for slot, q in zip(bucket.slots, Q.split(bucket.counts))]) @ M
         else:
             U = Q @ M
-        U = rms_normalize(U, group["update_rms"])
-        return Update(U, dict(momentum=M, preconditioner=V, inv_root=Q))
+        U = rms_normalize(U, group["update_rms"], inplace=True)
+        return Update(U, dict(momentum=M, preconditioner=V, inv_root=Q), scratch=True)

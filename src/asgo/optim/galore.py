@@ -69,6 +69,27 @@ def random_orthonormal(k: int, r: int, *, seed: int, device=None, dtype=torch.fl
     return Q * signs
 
 
+@torch.library.custom_op("asgo::random_bases", mutates_args=())
+def random_bases(k: int, r: int, seed: int, indices: list[int], steps_taken: int, side: int,
+                 device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The ``(len(indices), k, r)`` stack of :func:`random_orthonormal` bases of parameters
+    ``indices`` at the refresh after ``steps_taken`` steps, seeded by :func:`basis_seed` (``seed``
+    taken modulo 2^64). An operator, so ``torch.compile`` calls it without tracing the generator."""
+    return torch.stack([random_orthonormal(k, r, seed=basis_seed(seed, i, steps_taken, side),
+                                           device=device, dtype=dtype) for i in indices])
+
+
+@random_bases.register_fake
+def _(k, r, seed, indices, steps_taken, side, device, dtype):
+    return torch.empty(len(indices), k, r, device=device, dtype=dtype)
+
+
+def _int64(x: int) -> int:
+    """``x`` modulo 2^64 as a signed 64-bit integer (an operator's ``int``)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
+
+
 def top_singular_pairs(G: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """The top-``r`` left and right singular vectors ``(U_r, V_r)`` of ``G = U S V^T``
     (``torch.linalg.svd``, batched over leading dimensions), each pair's sign chosen so that the
@@ -259,9 +280,8 @@ class GaLore(MatrixOptimizer):
             return P, Q if two_sided else None
 
         def draw(size: int, side: int) -> Tensor:
-            return torch.stack([
-                random_orthonormal(size, r, seed=basis_seed(group["seed"], i, steps_taken, side),
-                                   device=X.device, dtype=X.dtype) for i in bucket.indices])
+            return random_bases(size, r, _int64(group["seed"]), bucket.indices, steps_taken, side,
+                                X.device, X.dtype)
 
         return draw(X.shape[-2], 0), draw(X.shape[-1], 1) if two_sided else None
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from asgo.linalg import inverse_fourth_root
+from asgo.linalg import FOURTH_ROOT_METHODS, inverse_fourth_root
 from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update
 from asgo.optim._config import (LR, POSITIVE, STEPS, UNIT, Choice, Flag, RootSchedule, hyper,
                                 root_due)
@@ -136,7 +136,8 @@ class ShampooConfig(RootSchedule):
     beta2: float = hyper(0.999, UNIT)
     grafting: str = hyper("adam", Choice(GRAFTING_TYPES))
     grafting_eps: float = hyper(1e-10, POSITIVE)
-    max_preconditioner_dim: int = hyper(8192, STEPS)
+    root_method: str = hyper("auto", Choice(FOURTH_ROOT_METHODS))
+    max_preconditioner_dim: int = hyper(1024, STEPS)
     transposed: bool = hyper(False, Flag())
     relative_eps: bool = hyper(False, Flag())
     pre_start_update: str = hyper("momentum", Choice(PRE_START_UPDATES))
@@ -179,14 +180,19 @@ class Shampoo(MatrixOptimizer):
         precondition_frequency (int): ``tau``, steps between roots. Default 1.
         start_preconditioning_step (int): ``s``, the first root step; before it the roots are
             the identity (the update is ``pre_start_update``'s). Default 1.
-        root_method (str): ``'polar_express'``, ``'newton_schulz'`` (two inverse square roots)
-            or ``'eigh'`` (:func:`asgo.linalg.inverse_fourth_root`). Default ``'polar_express'``.
-        root_steps (int): iterations per square root. Default 10.
+        root_method (str): ``'auto'`` (``'eigh'`` on the CPU, ``'polar_express'`` elsewhere:
+            :func:`asgo.linalg.fourth_root_method`), ``'eigh'``, ``'polar_express'`` or
+            ``'newton_schulz'`` (two inverse square roots;
+            :func:`asgo.linalg.inverse_fourth_root`). Default ``'auto'``.
+        root_steps (int): iterations per square root (``'polar_express'``,
+            ``'newton_schulz'``). Default 10.
         grafting (str): ``'adam'`` or ``'none'``. Default ``'adam'``.
         grafting_eps (float): > 0. Default 1e-10.
         max_preconditioner_dim (int): a side longer than ``d`` is split into ``ceil(side / d)``
             near-equal chunks; each block gets its own factors, roots and grafting norm, exactly
-            as a separate parameter. Fixed once training has started. Default 8192.
+            as a separate parameter. Fixed once training has started. Default 1024, as
+            Distributed Shampoo's; the authors' baseline does not block (a value at least every
+            side, e.g. 8192 for GPT-2).
         transposed (bool): the parameters are 2-D weights stored ``(in, out)``, as Hugging Face's
             ``Conv1D``: each is updated exactly as its transpose stored ``(out, in)`` (bit for bit,
             tested on CPU), so its blocks, ``L`` (output side) and ``R`` (input side) are those of
@@ -201,10 +207,10 @@ class Shampoo(MatrixOptimizer):
 
     Notes:
         Shampoo: Gupta, Koren & Singer, ICML 2018 (arXiv 1802.09568); the conventions are the
-        ASGO authors' baseline, whose values are the defaults (their roots: coupled Newton to
-        tolerance 1e-6; ours Polar Express). ``d`` is exactly ``eps`` (``eps ||X||_F``) above the
-        round-off floor ``16 finfo.eps ||X||_F`` (float32: ``1.9e-6 ||X||_F``), which keeps the
-        float32 roots of rank-deficient factors bounded (see
+        ASGO authors' baseline, whose values are the defaults except the roots (theirs: coupled
+        Newton to tolerance 1e-6) and the blocking (theirs: none). ``d`` is exactly ``eps``
+        (``eps ||X||_F``) above the round-off floor ``16 finfo.eps ||X||_F`` (float32:
+        ``1.9e-6 ||X||_F``), which keeps the float32 roots of rank-deficient factors bounded (see
         :func:`asgo.linalg.inverse_fourth_root`); so in float32 an absolute ``eps`` acts only
         while ``||X||_F < eps / 1.9e-6`` (``5.2e-5`` for 1e-10), a relative one when above 1.9e-6.
         Same-shape blocks are stacked and every root of one size in a group goes through one
@@ -212,7 +218,8 @@ class Shampoo(MatrixOptimizer):
         ``exp_avg_sq`` (grafting 'adam'), the flat ``left``, ``right``, ``left_root``,
         ``right_root`` buffers of the blocks' factors (:meth:`block_factors`), ``step`` (CPU)
         and the counters ``skipped_steps`` and ``root_failures``. ``step()`` never syncs with
-        the host unless ``root_method='eigh'`` (``torch.linalg.eigh`` syncs on CUDA).
+        the host except ``torch.linalg.eigh`` on CUDA (``root_method='eigh'``; ``'auto'`` runs
+        it only on the CPU).
         Reference: :func:`asgo.optim.reference.shampoo_step`.
     """
 
