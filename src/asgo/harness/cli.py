@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,22 +28,31 @@ OmegaConf.register_new_resolver("asgo.run_dir", lambda out_dir, default: default
                                 replace=True)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base=None)
-def main(cfg: DictConfig) -> float:
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if not is_main:  # only rank 0 logs
-        logging.getLogger().setLevel(logging.WARNING)
-    out_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
+@contextmanager
+def exit_codes():
+    """A run's known failures as one line on stderr and an exit status: 1 for a bad config,
+    checkpoint or dataset, ``Diverged.exit_code`` (3), and 128 + the signal's number for a stop
+    (train.Interrupted; a plain Ctrl-C: 130)."""
     try:
-        result = train(cfg, out_dir)
+        yield
     except (ConfigError, CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt as e:  # train.Interrupted: 128 + the signal's number; a plain Ctrl-C: 130
+    except KeyboardInterrupt as e:
         raise SystemExit(getattr(e, "exit_code", 130)) from None
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> float:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if not is_main:  # only rank 0 logs
+        logging.getLogger().setLevel(logging.WARNING)
+    out_dir = cfg.train.out_dir or HydraConfig.get().runtime.output_dir
+    with exit_codes():
+        result = train(cfg, out_dir)
     if is_main:
         print(f"final val loss: {result['final_val_loss']:.4f}")
         written = {"metrics": result["metrics"], "plot": result.get("plot"), "checkpoint": result["checkpoint"]}

@@ -293,6 +293,19 @@ def _nonfinite_tensors(tensors) -> bool:
     return False
 
 
+def guarded_step(optimizer, loss: float, grad_norm: float, on_nonfinite: str, step: int,
+                 diverged) -> str | None:
+    """``optimizer.step()`` when the step's loss and gradient norm are finite; otherwise raise
+    ``diverged(message)`` (``on_nonfinite='stop'``) or skip the update and return what went wrong."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+        return None
+    what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+    if on_nonfinite == "stop":
+        raise diverged(f"{what} at step {step}")
+    return what
+
+
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.optimizer``; return the final metrics."""
     t = cfg.train
@@ -515,13 +528,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     torch.stack([loss_sum / t.grad_accumulation, grad_norm.detach().float().to(device)]), dist_info)
                 step_loss, step_norm = health.tolist()
                 lr = optimizer.param_groups[0]["lr"]
-                if math.isfinite(step_loss) and math.isfinite(step_norm):
-                    optimizer.step()
-                else:
-                    what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
-                            else f"gradient norm became {step_norm}")
-                    if on_nonfinite == "stop":
-                        raise diverged(f"{what} at step {step + 1}")
+                what = guarded_step(optimizer, step_loss, step_norm, on_nonfinite, step + 1, diverged)
+                if what:
                     skipped_nonfinite += 1  # train.on_nonfinite=skip: no update this step; the schedule moves on
                     if dist_info.is_main:
                         log.warning("%s at step %d: optimizer step skipped (train.on_nonfinite=skip; %d skipped "

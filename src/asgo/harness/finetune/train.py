@@ -41,7 +41,8 @@ from asgo.harness.finetune.runners import make_run
 from asgo.harness.finetune.schema import validate_finetune_config
 from asgo.harness.metrics import MetricsLogger, strict_json
 from asgo.harness.schedule import warmup_cosine
-from asgo.harness.train import Diverged, Interrupted, StopRequest, _check_out_dir, _flat_config, _nonfinite_tensors
+from asgo.harness.train import (Diverged, Interrupted, StopRequest, _check_out_dir, _flat_config,
+                                _nonfinite_tensors, guarded_step)
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +215,8 @@ def finetune(cfg: DictConfig, out_dir: str | Path) -> dict:
                              else torch.nn.utils.get_total_norm([p.grad for p in params]))
                 step_loss, step_norm = torch.stack([loss_sum / count, grad_norm.float().to(device)]).tolist()
                 lr = optimizer.param_groups[0]["lr"]
-                if math.isfinite(step_loss) and math.isfinite(step_norm):
-                    optimizer.step()
-                else:
-                    what = (f"loss became {step_loss}" if not math.isfinite(step_loss)
-                            else f"gradient norm became {step_norm}")
-                    if t.on_nonfinite == "stop":
-                        raise diverged(f"{what} at step {step + 1}")
+                what = guarded_step(optimizer, step_loss, step_norm, t.on_nonfinite, step + 1, diverged)
+                if what:
                     skipped += 1
                     log.warning("%s at step %d: optimizer step skipped (train.on_nonfinite=skip)", what, step + 1)
                 scheduler.step()
