@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # the 'tiny' GPT, batch 16 x 128 tokens
     python benchmarks/train_step.py --model nanogpt --batch-size 8 --device cuda
     python benchmarks/train_step.py --smoke               # 1-layer model, 1 repeat (the tests)
+    python benchmarks/train_step.py --compile --only adamw,"asgo tau=5 (default)"   # + compiled steps
 
 Each optimizer is built exactly as ``asgo-train`` builds it: its harness config
 (``src/asgo/harness/conf/optimizer/<name>.yaml``) plus the variant's overrides, through
@@ -11,7 +12,10 @@ method, embeddings/head/norms/biases to AdamW). The baseline is ``optimizer=adam
 parameter). Random token batches (timing does not depend on the text); gradient clipping at 1.0
 as in the harness. After ``--warmup`` steps, ``--repeats`` steps are timed; median and mean
 (mean amortises every-10-steps root refreshes; ``--repeats`` defaults to a multiple of 10), and
-the median of the ``optimizer.step()`` part alone.
+the median of the ``optimizer.step()`` part alone. ``--compile`` adds each row again with
+``optimizer.step`` compiled as ``asgo-train train.compile_optimizer=true`` compiles it
+(``torch.compile(opt.step, dynamic=True)``, Inductor), after at least 12 warm-up steps (the
+compilations: the first step, then one graph per schedule decision).
 """
 
 from __future__ import annotations
@@ -48,14 +52,20 @@ VARIANTS: list[tuple[str, str, dict]] = [
 BASELINE = "adamw"
 
 
+COMPILED = " (compiled step)"
+
+
 def time_training(row: str, model_name: str, batch_size: int, device: torch.device, warmup: int, repeats: int,
                   model_overrides: dict | None = None, train_steps: int = 1000) -> dict:
-    _, name, overrides = next(v for v in VARIANTS if v[0] == row)
+    compiled = row.endswith(COMPILED)
+    _, name, overrides = next(v for v in VARIANTS if v[0] == row.removesuffix(COMPILED))
     torch.manual_seed(0)
     model = build_model(model_name, vocab_size=65, dropout=0.0, **(model_overrides or {})).to(device)
     block = model.config.block_size
     cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "optimizer" / f"{name}.yaml"), overrides)
     opt = optimizer_from_config(model, cfg, train_steps)
+    step = torch.compile(opt.step, dynamic=True) if compiled else opt.step
+    warmup = max(warmup, 12) if compiled else warmup
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(65, (batch_size, block + 1), generator=g).to(device) for _ in range(4)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -69,7 +79,7 @@ def time_training(row: str, model_name: str, batch_size: int, device: torch.devi
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         sync()
         mid = time.perf_counter()
-        opt.step()
+        step()
         opt.zero_grad(set_to_none=True)
         sync()
         end = time.perf_counter()
@@ -127,6 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default torch's")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="1 layer, width 32, context 16, batch 2, 1 repeat")
+    parser.add_argument("--compile", action="store_true", help="also each row with optimizer.step compiled")
     args = parser.parse_args(argv)
 
     rows = [v[0] for v in VARIANTS]
@@ -134,6 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [r for r in rows if any(matches(r, s, rows) for s in args.only.split(","))]
     if args.exclude:
         rows = [r for r in rows if not any(matches(r, s, rows) for s in args.exclude.split(","))]
+    if args.compile:
+        rows = [r for row in rows for r in (row, row + COMPILED)]
     overrides = None
     if args.smoke:
         overrides = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}

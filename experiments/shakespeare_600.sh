@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Quality per step and per second (issue 13): the tiny GPT on Shakespeare-char, 600 steps, AdamW,
 # Muon, ASGO, DASGO and Shampoo, 5-point learning-rate grids (factor 2 apart, centred on each
-# optimizer's best of the 150-step sweep), seed 0 on the whole grid, then seed 1 at each best lr
-# (SEEDS=[0,1] for both seeds everywhere).
+# optimizer's best of the 150-step sweep, DASGO's widened to 0.016), seeds 0 and 1 on the whole
+# grid (SEEDS=[0] for one seed).
 #   bash experiments/shakespeare_600.sh [OUT] [extra asgo-compare overrides...]
 # Two processes of one thread each run disjoint halves; a final call (reusing every finished run)
 # writes OUT/results.{csv,md} and the plots. A best lr on a grid edge: add points with
@@ -16,11 +16,11 @@ shift $(( $# < 1 ? $# : 1 ))
 compare() {
   OMP_NUM_THREADS=1 asgo-compare model=tiny dataset=shakespeare_char compare.out_dir="$OUT" \
     train.train_steps=600 train.batch_size=24 train.eval_interval=50 train.eval_batches=8 \
-    train.log_interval=50 compare.seeds=${SEEDS:-[0]} compare.target_loss=1.9 \
+    train.log_interval=50 compare.seeds=${SEEDS:-[0,1]} compare.target_loss=1.9 \
     compare.lrs.adamw=[0.001,0.002,0.004,0.008,0.016] \
     compare.lrs.muon=[0.005,0.01,0.02,0.04,0.08] \
     compare.lrs.asgo=[0.0025,0.005,0.01,0.02,0.04] \
-    compare.lrs.dasgo=[0.0005,0.001,0.002,0.004,0.008] \
+    compare.lrs.dasgo=[0.0005,0.001,0.002,0.004,0.008,0.016] \
     compare.lrs.shampoo=[0.00025,0.0005,0.001,0.002,0.004] \
     +compare.settings.muon.ns_dtype=float32 +compare.settings.shampoo.precondition_frequency=10 "$@"
 }

@@ -1,6 +1,6 @@
 """Tables and plots of the 600-step Shakespeare comparison (``experiments/shakespeare_600.sh``):
-every finished run under OUT/runs/<optimizer>/lr<lr>_seed<seed>, whatever the seeds (seed 0 on the
-whole grid, seed 1 at each best lr), aggregated as ``asgo-compare`` does, plus steps and training
+every finished run under OUT/runs/<optimizer>/lr<lr>_seed<seed>, whatever the seeds (0 and 1 on the
+whole grid), aggregated as ``asgo-compare`` does, plus steps and training
 seconds to the target loss at each optimizer's best lr as ratios to AdamW and to Muon.
 
     python experiments/shakespeare_600_table.py runs/experiments/shakespeare_600 [--out docs/results]

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from asgo.harness.checkpoint import read_dcp_checkpoint
 from asgo.harness.config import CONFIG_DIR, ConfigError
@@ -187,6 +189,30 @@ def test_cli_optimizer_config_error_before_any_work(tmp_path, override, message)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ONE_THREAD)
     assert out.returncode == 1 and out.stderr.startswith(f"error: {message}"), out.stderr[-3000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow  # Inductor compiles the step's graphs: about a minute on 2 CPU cores
+def test_compiled_optimizer_step_trains_as_eager_and_resumes_exactly(data_dir, tmp_path):
+    eager = config(data_dir, *RESUME, "model.n_layer=1", "train.train_steps=12", "train.checkpoint_interval=6",
+                   "train.keep_checkpoints=true")
+    compiled = OmegaConf.merge(eager, {"train": {"compile_optimizer": True}})
+    train(eager, tmp_path / "eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. torch's "lr_scheduler.step() before optimizer.step()"
+        train(compiled, tmp_path / "compiled")
+    eager_losses, compiled_losses = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert compiled_losses[0] == eager_losses[0]  # before any step
+    assert max(abs(a - b) / b for a, b in zip(compiled_losses, eager_losses)) < 1e-4
+    assert compiled_losses != eager_losses  # generated kernels: float32 round-off, not bitwise
+    train(OmegaConf.merge(compiled, {"train": {"resume": str(tmp_path / "compiled" / "checkpoint_000006.pt")}}),
+          tmp_path / "resumed")
+    assert train_losses(tmp_path / "resumed") == compiled_losses[6:]
+
+
+def test_compiled_optimizer_is_refused_under_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setattr("asgo.harness.distributed.launched_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="^train.compile_optimizer=true runs in one process"):
+        train(config(tmp_path, "train.compile_optimizer=true"), tmp_path / "run")
 
 
 def test_parallel_config_errors_before_any_work(tmp_path):

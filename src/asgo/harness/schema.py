@@ -110,6 +110,7 @@ class TrainConfig:
     parallel: str = key("ddp", Choice(PARALLEL), "under torchrun: ddp (replicated) or fsdp2 (sharded)")
     owner_compute: bool = key(True, Flag(), "ddp: each matrix's optimizer state and update on one rank")
     autocast: Any = key("auto", AutoOrFlag(), "auto: bf16 autocast on GPU; true/false to force")
+    compile_optimizer: bool = key(False, Flag(), "optimizer.step() compiled with torch.compile (one process)")
     progress: bool = key(True, Flag(), "tqdm progress bar (rank 0)")
     tensorboard: bool = key(True, Flag(), "TensorBoard event files")
     wandb: bool = key(False, Flag(), "Weights & Biases logging")

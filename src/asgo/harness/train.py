@@ -293,12 +293,13 @@ def _nonfinite_tensors(tensors) -> bool:
     return False
 
 
-def guarded_step(optimizer, loss: float, grad_norm: float, on_nonfinite: str, step: int,
+def guarded_step(optimizer_step, loss: float, grad_norm: float, on_nonfinite: str, step: int,
                  diverged) -> str | None:
-    """``optimizer.step()`` when the step's loss and gradient norm are finite; otherwise raise
-    ``diverged(message)`` (``on_nonfinite='stop'``) or skip the update and return what went wrong."""
+    """``optimizer_step()`` (``optimizer.step``, or it compiled) when the step's loss and gradient
+    norm are finite; otherwise raise ``diverged(message)`` (``on_nonfinite='stop'``) or skip the
+    update and return what went wrong."""
     if math.isfinite(loss) and math.isfinite(grad_norm):
-        optimizer.step()
+        optimizer_step()
         return None
     what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
     if on_nonfinite == "stop":
@@ -319,6 +320,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.resume and distributed.launched_world_size() > 1 and not Path(t.resume).is_dir():
             raise ConfigError(f"train.resume={t.resume}: train.parallel=fsdp2 under torchrun resumes a "
                               "checkpoint_dcp directory; resume a checkpoint.pt with train.parallel=ddp")
+    if t.get("compile_optimizer") and distributed.launched_world_size() > 1:
+        raise ConfigError("train.compile_optimizer=true runs in one process; under torchrun the step's "
+                          "collectives are not compiled: set it to false")
     _check_out_dir(t, Path(out_dir))
     resume_ckpt, resume_overrides = None, {}
     if t.resume:  # the stored config against this one, before any work
@@ -370,6 +374,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, total_steps=t.train_steps, warmup_steps=warmup,
                            min_ratio=t.min_lr_ratio))
+    # compiled after the scheduler wraps optimizer.step; dynamic: the same graphs before and after a resume
+    optimizer_step = torch.compile(optimizer.step, dynamic=True) if t.get("compile_optimizer") else optimizer.step
     train_model = model  # FSDP2: the sharded model itself
     if dist_info.enabled and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -528,7 +534,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
                     torch.stack([loss_sum / t.grad_accumulation, grad_norm.detach().float().to(device)]), dist_info)
                 step_loss, step_norm = health.tolist()
                 lr = optimizer.param_groups[0]["lr"]
-                what = guarded_step(optimizer, step_loss, step_norm, on_nonfinite, step + 1, diverged)
+                what = guarded_step(optimizer_step, step_loss, step_norm, on_nonfinite, step + 1, diverged)
                 if what:
                     skipped_nonfinite += 1  # train.on_nonfinite=skip: no update this step; the schedule moves on
                     if dist_info.is_main:

@@ -346,7 +346,11 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self._owners: dict[Tensor, int] = {}
         self._loads: list[float] | None = None
-        self._steps: dict[Tensor, int] = {}
+        # step() calls, and the parameters with state by how many calls their step lags behind
+        # (see _count_step); mutated in place: torch.compile replays mutations of containers, but
+        # drops assignments to an optimizer's attributes
+        self._clock: list[int] = [0]
+        self._cohorts: dict[int, dict[Tensor, None]] = {}
         config = self.Config(*args, **hyperparameters)
         super().__init__(params, {f.name: getattr(config, f.name) for f in fields(config)})
         all_params = [p for g in self.param_groups for p in g["params"]]
@@ -400,7 +404,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
         like = _full_like(p)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.int64)
-            self._steps[p] = 0
+            self._join(p, self._clock[0])
             for name in self.COUNTERS:
                 state[name] = torch.zeros((), dtype=torch.int64, device=like.device)
         self.init_state(state, like, group)
@@ -422,9 +426,23 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._mirror_steps()
 
     def _mirror_steps(self) -> None:
-        """The Python step counters (:meth:`_count_step`) read from the saved ones."""
-        self._steps = {p: int(s["step"]) for p, s in self.state.items()
-                       if isinstance(s, dict) and "step" in s}
+        """The Python clock and cohorts (:meth:`_count_step`) from the saved step counters."""
+        steps = {p: int(s["step"]) for p, s in self.state.items() if isinstance(s, dict) and "step" in s}
+        self._clock = [max(steps.values(), default=0)]
+        self._cohorts = {}
+        for p, step in steps.items():
+            self._join(p, self._clock[0] - step)
+
+    def _join(self, p: Tensor, lag: int) -> None:
+        """Put ``p`` in the cohort of parameters whose step is ``lag`` behind the clock."""
+        for old, members in list(self._cohorts.items()):
+            members.pop(p, None)
+            if not members:
+                del self._cohorts[old]
+        self._cohorts.setdefault(lag, {})[p] = None
+
+    def _lag(self, p: Tensor) -> int:
+        return next(lag for lag, members in self._cohorts.items() if p in members)
 
     def _assign_owners(self, params: list[Tensor]) -> None:
         """Owners of ``params`` by longest-processing-time packing on their matrix cost."""
@@ -503,7 +521,16 @@ class MatrixOptimizer(torch.optim.Optimizer):
             first_index += len(group["params"])
         if self.process_group is not None:
             self._apply(indexed, self._exchange(updates, sharded))
+        self._tick(grads)
         return loss
+
+    def _tick(self, grads: dict[int, Tensor]) -> None:
+        """The clock advances; a parameter with state that did not step falls one further behind."""
+        stepped = {p: None for index, _, p in self._indexed() if index in grads}
+        behind = [(lag, p) for lag, members in self._cohorts.items() for p in members if p not in stepped]
+        for lag, p in behind:
+            self._join(p, lag + 1)
+        self._clock[0] += 1
 
     def _indexed(self):
         """``(index, group, parameter)`` of every parameter, in ``state_dict`` numbering."""
@@ -564,24 +591,22 @@ class MatrixOptimizer(torch.optim.Optimizer):
         parameters of one (device, dtype, step, layouts) side by side, cut into chunks of at most
         ``max_bucket_bytes`` of stacked gradients; a parameter is never split."""
         similar: dict[tuple, list[list[Slot]]] = {}
-        steps: list[int] = []  # the group's distinct steps, compared, never hashed (see _count_step)
+        steps: dict[int, int] = {}  # the step of each lag
         for index, p in enumerate(group["params"], start=first_index):
             if index not in grads:
                 continue
             grad, like = grads[index], _full_like(p)
             state = self._state_of(p, group)
-            step = self._count_step(p, state)
+            lag = self._lag(p)
+            steps[lag] = self._count_step(state, lag)
             finite = all_finite(grad)
             layouts = self.layouts(like, group)
-            run = next((i for i, s in enumerate(steps) if s == step), len(steps))
-            if run == len(steps):
-                steps.append(step)
-            key = (like.device, like.dtype, run, tuple(tuple(layout.shape) for layout in layouts))
+            key = (like.device, like.dtype, lag, tuple(tuple(layout.shape) for layout in layouts))
             similar.setdefault(key, []).append(
                 [Slot(like, grad, index, state, layout, finite) for layout in layouts])
         chunks: list[dict[tuple, Bucket]] = []
         size = 0
-        for (device, dtype, run, _), params in similar.items():
+        for (device, dtype, lag, _), params in similar.items():
             itemsize = self.state_dtype(params[0][0].param).itemsize
             for slots in params:
                 nbytes = itemsize * sum(s.layout.count * math.prod(s.layout.shape) for s in slots)
@@ -591,18 +616,19 @@ class MatrixOptimizer(torch.optim.Optimizer):
                     size = 0
                 size += nbytes
                 for slot in slots:
-                    key = (device, dtype, tuple(slot.layout.shape), run)
-                    chunks[-1].setdefault(key, Bucket(steps[run])).slots.append(slot)
+                    key = (device, dtype, tuple(slot.layout.shape), lag)
+                    chunks[-1].setdefault(key, Bucket(steps[lag])).slots.append(slot)
         return [list(chunk.values()) for chunk in chunks]
 
-    def _count_step(self, p: Tensor, state: dict) -> int:
-        """Count a step of ``p``: its ``state["step"]`` (an int64 CPU tensor, the saved counter)
-        and the Python int mirrored beside it, which the schedules read without a host read.
-        Under ``torch.compile`` the mirror becomes symbolic after the first step, so one graph
-        serves every step with the same schedule decisions (root due or not)."""
+    def _count_step(self, state: dict, lag: int) -> int:
+        """Count a step in ``state["step"]`` (an int64 CPU tensor, the saved counter) and return
+        the new step as a Python int, which the schedules read without a host read: the clock
+        (``step()`` calls) less the parameter's lag, a constant shared by its cohort. Under
+        ``torch.compile`` the clock becomes one symbolic int after the first step, so one graph
+        serves every step with the same schedule decisions (root due or not), and parameters of
+        one cohort share one step without comparing symbols."""
         state["step"] += 1
-        self._steps[p] += 1
-        return self._steps[p]
+        return self._clock[0] + 1 - lag
 
     def _state_view(self, slot: Slot, key: str) -> Tensor:
         """``slot``'s blocks of ``state[key]``: a view, except for non-view elementwise layouts."""

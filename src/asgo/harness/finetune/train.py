@@ -215,7 +215,7 @@ def finetune(cfg: DictConfig, out_dir: str | Path) -> dict:
                              else torch.nn.utils.get_total_norm([p.grad for p in params]))
                 step_loss, step_norm = torch.stack([loss_sum / count, grad_norm.float().to(device)]).tolist()
                 lr = optimizer.param_groups[0]["lr"]
-                what = guarded_step(optimizer, step_loss, step_norm, t.on_nonfinite, step + 1, diverged)
+                what = guarded_step(optimizer.step, step_loss, step_norm, t.on_nonfinite, step + 1, diverged)
                 if what:
                     skipped += 1
                     log.warning("%s at step %d: optimizer step skipped (train.on_nonfinite=skip)", what, step + 1)
