@@ -57,6 +57,7 @@ MODELS = ("tiny", "nanogpt", "gpt2", "gpt2-large")
 VARIANTS: list[tuple[str, str, dict]] = [
     ("adamw", "adamw", {}),
     ("asgo tau=1", "asgo", {"precondition_frequency": 1}),
+    ("asgo tau=1 polar_express", "asgo", {"precondition_frequency": 1, "root_method": "polar_express"}),
     ("asgo tau=5", "asgo", {"precondition_frequency": 5}),
     ("asgo tau=10", "asgo", {"precondition_frequency": 10}),
     ("dasgo", "dasgo", {}),
@@ -73,7 +74,7 @@ VARIANTS: list[tuple[str, str, dict]] = [
 BASELINE = "adamw"
 AUTHORS_ROWS = ["authors' loop tau=1", "asgo tau=1 official unsplit"]
 # (numerator, denominator) rows of the printed ratios
-RATIOS = [(a, b) for a in ("asgo tau=1", "asgo tau=5", "asgo tau=1 official unsplit")
+RATIOS = [(a, b) for a in ("asgo tau=1", "asgo tau=1 polar_express", "asgo tau=5", "asgo tau=1 official unsplit")
           for b in ("adamw", "muon", "muon fp32 NS", "authors' loop tau=1")]
 RATIOS += [("shampoo tau=1", "asgo tau=1")]
 

@@ -10,7 +10,8 @@ Each optimizer is built exactly as ``asgo-train`` builds it: its harness config
 ``asgo.harness.config.optimizer_from_config`` -> ``asgo.build_optimizer`` (hidden matrices to the
 method, embeddings/head/norms/biases to AdamW). The baseline is ``optimizer=adamw`` (AdamW on every
 parameter). Random token batches (timing does not depend on the text); gradient clipping at 1.0
-as in the harness. After ``--warmup`` steps, ``--repeats`` steps are timed; median and mean
+as in the harness. After ``--warmup`` steps, ``--repeats`` steps are timed, the rows in turn (one
+step of each, round-robin, so that load changes weigh on every row alike); median and mean
 (mean amortises every-10-steps root refreshes; ``--repeats`` defaults to a multiple of 10), and
 the median of the ``optimizer.step()`` part alone. ``--compile`` adds each row again with
 ``optimizer.step`` compiled as ``asgo-train train.compile_optimizer=true`` compiles it
@@ -38,6 +39,7 @@ from asgo.harness.models import build_model
 VARIANTS: list[tuple[str, str, dict]] = [
     ("adamw", "adamw", {}),
     ("asgo tau=1", "asgo", {"precondition_frequency": 1}),
+    ("asgo tau=1 polar_express", "asgo", {"precondition_frequency": 1, "root_method": "polar_express"}),
     ("asgo tau=5 (default)", "asgo", {}),
     ("asgo tau=10", "asgo", {"precondition_frequency": 10}),
     ("dasgo", "dasgo", {}),
@@ -55,53 +57,71 @@ BASELINE = "adamw"
 COMPILED = " (compiled step)"
 
 
-def time_training(row: str, model_name: str, batch_size: int, device: torch.device, warmup: int, repeats: int,
-                  model_overrides: dict | None = None, train_steps: int = 1000) -> dict:
-    compiled = row.endswith(COMPILED)
-    _, name, overrides = next(v for v in VARIANTS if v[0] == row.removesuffix(COMPILED))
-    torch.manual_seed(0)
-    model = build_model(model_name, vocab_size=65, dropout=0.0, **(model_overrides or {})).to(device)
-    block = model.config.block_size
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "optimizer" / f"{name}.yaml"), overrides)
-    opt = optimizer_from_config(model, cfg, train_steps)
-    step = torch.compile(opt.step, dynamic=True) if compiled else opt.step
-    warmup = max(warmup, 12) if compiled else warmup
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(65, (batch_size, block + 1), generator=g).to(device) for _ in range(4)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    step_times, opt_times = [], []
-    for i in range(warmup + repeats):
-        xy = batches[i % len(batches)]
+class Training:
+    """One row: its model, optimizer (built as asgo-train builds it) and fixed random batches."""
+
+    def __init__(self, row: str, model_name: str, batch_size: int, device: torch.device,
+                 model_overrides: dict | None = None, train_steps: int = 1000):
+        compiled = row.endswith(COMPILED)
+        _, name, overrides = next(v for v in VARIANTS if v[0] == row.removesuffix(COMPILED))
+        torch.manual_seed(0)
+        self.row, self.device, self.steps = row, device, 0
+        self.model = build_model(model_name, vocab_size=65, dropout=0.0, **(model_overrides or {})).to(device)
+        self.tokens = batch_size * self.model.config.block_size
+        cfg = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "optimizer" / f"{name}.yaml"), overrides)
+        self.opt = optimizer_from_config(self.model, cfg, train_steps)
+        self.opt_step = torch.compile(self.opt.step, dynamic=True) if compiled else self.opt.step
+        self.warmup = 12 if compiled else 0  # the compilations: step 1, then a graph per schedule decision
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(65, (batch_size, self.model.config.block_size + 1), generator=g).to(device)
+                        for _ in range(4)]
+        self.step_times: list[float] = []
+        self.opt_times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        xy = self.batches[self.steps % len(self.batches)]
+        self.steps += 1
         sync()
         start = time.perf_counter()
-        _, loss = model(xy[:, :-1], xy[:, 1:])
+        _, loss = self.model(xy[:, :-1], xy[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         sync()
         mid = time.perf_counter()
-        step()
-        opt.zero_grad(set_to_none=True)
+        self.opt_step()
+        self.opt.zero_grad(set_to_none=True)
         sync()
         end = time.perf_counter()
-        if i >= warmup:
-            step_times.append(end - start)
-            opt_times.append(end - mid)
-    median = statistics.median(step_times)
-    return {"optimizer": row, "median_s": median, "mean_s": statistics.fmean(step_times),
-            "opt_median_s": statistics.median(opt_times), "tokens_per_s": batch_size * block / median,
-            "params": sum(p.numel() for p in model.parameters())}
+        if timed:
+            self.step_times.append(end - start)
+            self.opt_times.append(end - mid)
+
+    def result(self) -> dict:
+        median = statistics.median(self.step_times)
+        return {"optimizer": self.row, "median_s": median, "mean_s": statistics.fmean(self.step_times),
+                "opt_median_s": statistics.median(self.opt_times), "tokens_per_s": self.tokens / median,
+                "params": sum(p.numel() for p in self.model.parameters())}
 
 
 def benchmark(model: str = "tiny", batch_size: int = 16, device: str = "cpu", warmup: int = 3, repeats: int = 20,
               rows: list[str] | None = None, model_overrides: dict | None = None) -> list[dict]:
+    """Every row warmed up, then timed round-robin (one step of each row in turn), so that a
+    change of machine load over the run weighs on every row alike."""
     device = torch.device(device)
     rows = rows or [v[0] for v in VARIANTS]
     if BASELINE not in rows:
         rows = [BASELINE, *rows]
-    results = []
-    for row in rows:
-        results.append(time_training(row, model, batch_size, device, warmup, repeats, model_overrides))
-        print(f"  {row}: median {results[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    runs = [Training(row, model, batch_size, device, model_overrides) for row in rows]
+    for run in runs:
+        for _ in range(max(warmup, run.warmup)):
+            run.step(timed=False)
+    for _ in range(repeats):
+        for run in runs:
+            run.step(timed=True)
+    results = [run.result() for run in runs]
+    for r in results:
+        print(f"  {r['optimizer']}: median {r['median_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
     base = results[rows.index(BASELINE)]
     for r in results:
         r["median_x_adamw"] = r["median_s"] / base["median_s"]

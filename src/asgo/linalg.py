@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-InverseSqrtMethod = Literal["polar_express", "newton_schulz", "eigh"]
+InverseSqrtMethod = Literal["auto", "polar_express", "newton_schulz", "eigh"]
 OrthogonalizeMethod = Literal["newton_schulz", "polar_express"]
 
 INVERSE_SQRT_METHODS = ("polar_express", "newton_schulz", "eigh")
+ROOT_METHODS = ("auto", *INVERSE_SQRT_METHODS)  # 'auto': auto_root_method of the input's device
 ORTHOGONALIZE_METHODS = ("newton_schulz", "polar_express")
 
 # Coupled Newton–Schulz for V^(-1/2) (ASGO authors' `_matrix_inverse_root_newtonschulz`).
@@ -91,7 +92,8 @@ def inverse_sqrt(
     """Inverse square root ``(A + eps I)^(-1/2)`` of symmetric PSD matrices ``A`` of shape (..., s, s).
 
     ``eps`` is an absolute damping added to the diagonal before the root (not relative to the
-    trace): ``A_d = A + eps I``. Methods:
+    trace): ``A_d = A + eps I``. Methods (``'auto'``: :func:`auto_root_method` of ``A``'s device,
+    ``'eigh'`` on the CPU, ``'polar_express'`` elsewhere):
 
     * ``'newton_schulz'`` (ASGO Algorithm 3): coupled iteration on ``Y0 = A_r / c``,
       ``c = ||A_r||_F``, ``Z0 = I``; each step ``B = b ZY + c' (ZY)^2``, ``Y <- aY + YB``,
@@ -140,8 +142,10 @@ def inverse_sqrt(
     costs the rest of the batch), its ``X`` is NaN and its ``ok`` False.
     """
     _check_square(A, "A")
-    if method not in INVERSE_SQRT_METHODS:
-        raise ValueError(f"method must be one of {INVERSE_SQRT_METHODS}, got {method!r}")
+    if method not in ROOT_METHODS:
+        raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}")
+    if method == "auto":
+        method = auto_root_method(A.device)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if eps < 0:
@@ -248,14 +252,11 @@ def inverse_sqrt_official(
     return X, _is_finite(X)
 
 
-FOURTH_ROOT_METHODS = ("auto", *INVERSE_SQRT_METHODS)
-
-
-def fourth_root_method(device: torch.device) -> str:
-    """What ``inverse_fourth_root(method='auto')`` runs on ``device``: ``'eigh'`` on the CPU,
-    where LAPACK's eigh costs less than the two 10-step iterations at every size (measured 2x to
-    12x less from 2 to 1024, docs/optimizers.md), ``'polar_express'`` elsewhere (matrix products,
-    no host sync; ``torch.linalg.eigh`` syncs on CUDA)."""
+def auto_root_method(device: torch.device) -> str:
+    """What ``method='auto'`` of :func:`inverse_sqrt` and :func:`inverse_fourth_root` runs on
+    ``device``: ``'eigh'`` on the CPU, where LAPACK's eigh costs less than 10 iteration steps at
+    every size (measured 2x to 12x less from 2 to 1024, docs/optimizers.md), ``'polar_express'``
+    elsewhere (matrix products, no host sync; ``torch.linalg.eigh`` syncs on CUDA)."""
     return "eigh" if device.type == "cpu" else "polar_express"
 
 
@@ -277,7 +278,7 @@ def inverse_fourth_root(
     diverge. A matrix whose ``delta`` would be 0 (``A = 0`` with ``relative`` or ``eps = 0``)
     gets ``delta = 1``: its root is the identity, as before any statistic.
 
-    * ``method='auto'``: :func:`fourth_root_method` of ``A``'s device (``'eigh'`` on the CPU).
+    * ``method='auto'``: :func:`auto_root_method` of ``A``'s device (``'eigh'`` on the CPU).
     * ``'eigh'``: one ``torch.linalg.eigh`` of ``A_d = A + delta I``, eigenvalues clamped
       at ``delta`` against round-off, raised to the power -1/4; bitwise the same whatever the
       batch it is computed in.
@@ -301,10 +302,10 @@ def inverse_fourth_root(
     :func:`inverse_sqrt`: float32 (float64 for float64 input) and a boolean tensor of
     shape ``A.shape[:-2]``, computed without a host sync (except ``torch.linalg.eigh`` on CUDA).
     """
-    if method not in FOURTH_ROOT_METHODS:
-        raise ValueError(f"method must be one of {FOURTH_ROOT_METHODS}, got {method!r}")
+    if method not in ROOT_METHODS:
+        raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}")
     if method == "auto":
-        method = fourth_root_method(A.device)
+        method = auto_root_method(A.device)
     A = A.to(compute_dtype(A.dtype))
     finite = _is_finite(A)
     A = torch.where(finite[..., None, None], A, 0)

@@ -153,18 +153,20 @@ def test_official_steps_on_low_rank_gradients(shape, method, scale):
 
 
 # The default root follows the float64 algorithm, (V + eps I)^(-1/2) by eigh, at every scale,
-# where the authors' eps placement does not. Measured gap of W_t - W_0 over 10 steps: default
-# full rank 3.4e-6 to 6.8e-6, rank 2 1.7e-5 to 6.4e-2; official full rank up to 0.22 at scale
-# 1e-4, rank 2 0.28 to 1.4.
+# where the authors' eps placement does not: 'auto' (float32 eigh on the CPU) and Polar Express
+# (what 'auto' runs elsewhere). Measured gap of W_t - W_0 over 10 steps: full rank 3.4e-6 to
+# 7.3e-6 (eigh), 3.4e-6 to 6.8e-6 (Polar Express); rank 2 1.3e-5 to 2.0e-2 (eigh), 1.7e-5 to
+# 6.4e-2 (Polar Express); official full rank up to 0.22 at scale 1e-4, rank 2 0.28 to 1.4.
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("samples,tol,official_gap", [(64, 2e-5, None), (2, 0.15, 0.2)],
                          ids=["full_rank", "rank2"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_default_root_follows_float64_algorithm(shape, samples, tol, official_gap, scale):
+@pytest.mark.parametrize("root_method", ["auto", "polar_express"])
+def test_default_root_follows_float64_algorithm(root_method, shape, samples, tol, official_gap, scale):
     W0, grad = scaled(least_squares(shape, samples=samples), scale)
     hp = dict(HPARAMS, lr=1e-2, update_rms=0.2)
     ref = run_reference(asgo_step, W0, grad, 10, **hp)
-    got, opt = run_optimizer(lambda p: asgo.ASGO(p, **hp), W0, grad, 10)
+    got, opt = run_optimizer(lambda p: asgo.ASGO(p, root_method=root_method, **hp), W0, grad, 10)
     official, _ = run_optimizer(lambda p: asgo.ASGO(p, compat="official", **hp), W0, grad, 10)
     assert max(rel_err(g - W0, r - W0) for g, r in zip(got, ref)) < tol
     if official_gap is not None:
@@ -200,12 +202,35 @@ def test_official_failed_root_falls_back_to_identity(monkeypatch):
     assert opt.diagnostics()["root_failures"] == 1
 
 
-def test_defaults_are_the_authors_values_but_tau():
-    """The authors' values, but tau = 5 (chosen by evidence: docs/results/asgo_tau.md; theirs 1)."""
+def test_defaults_are_the_authors_values_but_tau_and_the_cpu_root():
+    """The authors' values, but tau = 5 (chosen by evidence: docs/results/asgo_tau.md; theirs 1)
+    and root_method 'auto': their Polar Express off the CPU, eigh on it (docs/results/asgo_root.md)."""
     d = asgo.ASGO([torch.nn.Parameter(torch.zeros(2, 3))]).defaults
     assert (d["lr"], d["momentum"], d["beta2"], d["eps"], d["weight_decay"]) == (1e-2, 0.9, 0.8, 1e-10, 0.1)
     assert (d["root_method"], d["root_steps"], d["update_rms"], d["precondition_frequency"]) == (
-        "polar_express", 10, 0.2, 5)
+        "auto", 10, 0.2, 5)
+
+
+def trajectory(steps: int = 4, **settings) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 10), (10, 6), (6, 10)]]
+    opt = asgo.ASGO(params, precondition_frequency=2, **settings)
+    for k in range(steps):
+        for p in params:  # rank-2 gradients every other step, at scale 1e-3
+            g = torch.randn(p.shape, generator=gen) if k % 2 else torch.randn(p.shape[0], 2, generator=gen) @ \
+                torch.randn(2, p.shape[1], generator=gen)
+            p.grad = 1e-3 * g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("compat, cpu_root", [(None, "eigh"), ("official", "polar_express")])
+def test_auto_root_is_eigh_on_the_cpu_and_the_authors_root_under_compat(compat, cpu_root):
+    auto = trajectory(compat=compat)
+    for p, q in zip(auto, trajectory(compat=compat, root_method=cpu_root)):
+        assert torch.equal(p, q)
+    other = "polar_express" if cpu_root == "eigh" else "newton_schulz"
+    assert not all(torch.equal(p, q) for p, q in zip(auto, trajectory(compat=compat, root_method=other)))
 
 
 def test_muon_limit_is_the_polar_factor():

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from asgo.linalg import INVERSE_SQRT_METHODS
+from asgo.linalg import ROOT_METHODS
 
 
 class Check:
@@ -187,7 +187,7 @@ class RootSchedule(EMAHyperParameters):
 
     precondition_frequency: int = hyper(1, STEPS)
     start_preconditioning_step: int = hyper(1, STEPS)
-    root_method: str = hyper("polar_express", Choice(INVERSE_SQRT_METHODS))
+    root_method: str = hyper("auto", Choice(ROOT_METHODS))
     root_steps: int = hyper(10, STEPS)
 
 

@@ -53,8 +53,12 @@ class ASGO(MatrixOptimizer):
             (``docs/results/asgo_tau.md``); the authors' code uses 1.
         start_preconditioning_step (int): ``s``, the first root step; before it ``Q = I``.
             Root steps are ``s, s + tau, s + 2 tau, ...``. Default 1.
-        root_method (str): ``'polar_express'``, ``'newton_schulz'`` or ``'eigh'``
-            (:func:`asgo.linalg.inverse_sqrt`). Default ``'polar_express'``.
+        root_method (str): ``'auto'`` (``'eigh'`` on the CPU, ``'polar_express'`` elsewhere:
+            :func:`asgo.linalg.auto_root_method`; ``'polar_express'`` under
+            ``compat='official'``), ``'polar_express'``, ``'newton_schulz'`` or ``'eigh'``
+            (:func:`asgo.linalg.inverse_sqrt`). Default ``'auto'``: on the CPU, eigh costs
+            less than the 10-step iteration at every size and trains the tiny GPT as well
+            (``docs/results/asgo_root.md``).
         root_steps (int): iterations of the root. Default 10.
         update_rms (float | None): RMS of each block's update; None: unscaled. Default 0.2.
         num_heads (int): split each weight's rows (its output side) into this many blocks
@@ -109,7 +113,10 @@ class ASGO(MatrixOptimizer):
             V = S["preconditioner"].lerp(P, 1 - beta2)
         Q = S["inv_root"]
         if root_due(group, bucket.step):
-            options = dict(method=group["root_method"], steps=group["root_steps"], eps=group["eps"])
+            method = group["root_method"]
+            if official and method == "auto":
+                method = "polar_express"
+            options = dict(method=method, steps=group["root_steps"], eps=group["eps"])
             if official:  # a non-finite root falls back to the identity, as theirs
                 eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device).expand_as(Q)
                 Q = yield Root(inverse_sqrt_official, V, eye, options)

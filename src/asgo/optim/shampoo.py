@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from asgo.linalg import FOURTH_ROOT_METHODS, inverse_fourth_root
+from asgo.linalg import inverse_fourth_root
 from asgo.optim._base import Bucket, MatrixOptimizer, Root, Update
 from asgo.optim._config import (LR, POSITIVE, STEPS, UNIT, Choice, Flag, RootSchedule, hyper,
                                 root_due)
@@ -136,7 +136,6 @@ class ShampooConfig(RootSchedule):
     beta2: float = hyper(0.999, UNIT)
     grafting: str = hyper("adam", Choice(GRAFTING_TYPES))
     grafting_eps: float = hyper(1e-10, POSITIVE)
-    root_method: str = hyper("auto", Choice(FOURTH_ROOT_METHODS))
     max_preconditioner_dim: int = hyper(1024, STEPS)
     transposed: bool = hyper(False, Flag())
     relative_eps: bool = hyper(False, Flag())
@@ -181,7 +180,7 @@ class Shampoo(MatrixOptimizer):
         start_preconditioning_step (int): ``s``, the first root step; before it the roots are
             the identity (the update is ``pre_start_update``'s). Default 1.
         root_method (str): ``'auto'`` (``'eigh'`` on the CPU, ``'polar_express'`` elsewhere:
-            :func:`asgo.linalg.fourth_root_method`), ``'eigh'``, ``'polar_express'`` or
+            :func:`asgo.linalg.auto_root_method`), ``'eigh'``, ``'polar_express'`` or
             ``'newton_schulz'`` (two inverse square roots;
             :func:`asgo.linalg.inverse_fourth_root`). Default ``'auto'``.
         root_steps (int): iterations per square root (``'polar_express'``,
