@@ -209,7 +209,9 @@ def test_compiled_optimizer_step_trains_as_eager_and_resumes_exactly(data_dir, t
     assert train_losses(tmp_path / "resumed") == compiled_losses[6:]
 
 
-def test_compiled_optimizer_is_refused_under_torchrun(tmp_path, monkeypatch):
+def test_compiled_optimizer_is_refused_under_torchrun_and_fsdp2(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="^train.compile_optimizer=true runs in one process"):
+        train(config(tmp_path, "train.compile_optimizer=true", "train.parallel=fsdp2"), tmp_path / "run")
     monkeypatch.setattr("asgo.harness.distributed.launched_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="^train.compile_optimizer=true runs in one process"):
         train(config(tmp_path, "train.compile_optimizer=true"), tmp_path / "run")

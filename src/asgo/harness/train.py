@@ -320,9 +320,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict:
         if t.resume and distributed.launched_world_size() > 1 and not Path(t.resume).is_dir():
             raise ConfigError(f"train.resume={t.resume}: train.parallel=fsdp2 under torchrun resumes a "
                               "checkpoint_dcp directory; resume a checkpoint.pt with train.parallel=ddp")
-    if t.get("compile_optimizer") and distributed.launched_world_size() > 1:
-        raise ConfigError("train.compile_optimizer=true runs in one process; under torchrun the step's "
-                          "collectives are not compiled: set it to false")
+    if t.get("compile_optimizer") and (fsdp2 or distributed.launched_world_size() > 1):
+        raise ConfigError("train.compile_optimizer=true runs in one process with train.parallel=ddp; the "
+                          "step's collectives (torchrun, fsdp2's sharded parameters) are not compiled: set it to false")
     _check_out_dir(t, Path(out_dir))
     resume_ckpt, resume_overrides = None, {}
     if t.resume:  # the stored config against this one, before any work
