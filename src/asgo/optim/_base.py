@@ -347,8 +347,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
         self._owners: dict[Tensor, int] = {}
         self._loads: list[float] | None = None
         # step() calls, and the parameters with state by how many calls their step lags behind
-        # (see _count_step); mutated in place: torch.compile replays mutations of containers, but
-        # drops assignments to an optimizer's attributes
+        # (see _count_step); mutated in place: torch.compile (2.13) replays mutations of
+        # containers but did not write back `self._clock += 1` on an int attribute
         self._clock: list[int] = [0]
         self._cohorts: dict[int, dict[Tensor, None]] = {}
         config = self.Config(*args, **hyperparameters)
