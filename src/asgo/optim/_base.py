@@ -154,6 +154,14 @@ def _select_into(flags: Tensor, a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.where(flags, a, b, out=out)
 
 
+def _zero_unless(flags: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
+    """``where(flags, t, 0)`` for ``t`` finite where ``flags`` is set (into ``out``, which may be
+    ``t``; default a new tensor): ``t * flags``, then the NaNs that ``inf * 0`` and ``nan * 0``
+    leave where it is not, zeroed. Two vectorised passes: on CPU ``torch.where`` runs a scalar
+    loop, about 4x a copy. Bitwise ``t`` where set; zeros (of either sign) elsewhere."""
+    return torch.mul(t, flags, out=out).nan_to_num_(0.0, 0.0, 0.0)
+
+
 def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
@@ -656,11 +664,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
         first = bucket.slots[0]
         G = torch.empty(sum(bucket.counts), *first.layout.shape, dtype=self.state_dtype(first.param),
                         device=first.grad.device)  # one copy of the gradients, in the state dtype
-        zero = G.new_zeros(())
         for slot, part in zip(bucket.slots, G.split(bucket.counts)):
             blocks = slot.layout.blocks(slot.grad)
-            if blocks.dtype == G.dtype:  # copied and masked in one pass
-                torch.where(slot.finite, blocks, zero, out=part)
+            if blocks.dtype == G.dtype:  # copied and masked in one pass, then its NaNs zeroed
+                _zero_unless(slot.finite, blocks, out=part)
             else:
                 part.copy_(blocks).masked_fill_(~slot.finite, 0)
         S = self._stacked_state(bucket)
@@ -732,12 +739,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             ok = _cat([ok_of[s.index].expand(s.layout.count) for s in bucket.slots])
             for key, new in new_state.items():
                 self._write_kept(bucket, key, new, S[key], ok_of)
-            D = update.direction
-            zero = D.new_zeros(())
-            if update.scratch:
-                _select_into(_per_block(ok, D), D, zero, D)
-            else:
-                D = torch.where(_per_block(ok, D), D, zero)
+            D = _zero_unless(_per_block(ok, update.direction), update.direction,
+                             out=update.direction if update.scratch else None)
             for name, count in update.faults.items():
                 for slot, n in zip(bucket.slots, (count * ok).split(bucket.counts)):
                     slot.state[name] += n.sum()
