@@ -180,7 +180,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
                 elif momentum != beta1:
                     group["betas"] = (momentum, *group["betas"][1:])
             synced.append(group.get("momentum"))
-        self._synced = synced
+        self._synced[:] = synced  # in place: torch.compile (2.13) may not write back an attribute
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -193,8 +193,9 @@ def test_cli_optimizer_config_error_before_any_work(tmp_path, override, message)
 
 @pytest.mark.slow  # Inductor compiles the step's graphs: about a minute on 2 CPU cores
 def test_compiled_optimizer_step_trains_as_eager_and_resumes_exactly(data_dir, tmp_path):
+    # a root every step: one schedule decision, so one compiled graph per run
     eager = config(data_dir, *RESUME, "model.n_layer=1", "train.train_steps=12", "train.checkpoint_interval=6",
-                   "train.keep_checkpoints=true")
+                   "train.keep_checkpoints=true", "optimizer.precondition_frequency=1")
     compiled = OmegaConf.merge(eager, {"train": {"compile_optimizer": True}})
     train(eager, tmp_path / "eager")
     with warnings.catch_warnings():

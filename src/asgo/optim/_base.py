@@ -534,7 +534,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     def _tick(self, grads: dict[int, Tensor]) -> None:
         """The clock advances; a parameter with state that did not step falls one further behind."""
-        stepped = {p: None for index, _, p in self._indexed() if index in grads}
+        params = [p for group in self.param_groups for p in group["params"]]
+        stepped = {params[index]: None for index in grads}
         behind = [(lag, p) for lag, members in self._cohorts.items() for p in members if p not in stepped]
         for lag, p in behind:
             self._join(p, lag + 1)
