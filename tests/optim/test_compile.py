@@ -55,32 +55,6 @@ def test_step_has_no_graph_breaks(name):
 SLOW = pytest.mark.slow  # 10-30 s each on 2 CPU cores (Dynamo and AOT tracing of a whole step)
 
 
-@pytest.mark.parametrize("scale", [1e-3, pytest.param(1e-4, marks=SLOW)])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n == "Shampoo" else n
-                                  for n in OPTIMIZERS])
-def test_compiled_step_matches_eager_without_recompiling_each_step(name, scale):
-    settings = SCHEDULED.get(name, {})
-    params, opt = make(name, settings)
-    compiled_params, compiled_opt = make(name, settings)
-    counter = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(compiled_opt.step, backend=counter)
-    for k in range(8):
-        for p, q, g in zip(params, compiled_params, gradients(k, scale)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        step()
-    # Muon's default bfloat16 Newton-Schulz differs from eager by its round-off (~1e-2 relative)
-    rtol = 2e-2 if name == "Muon" else 1e-5
-    for p, q in zip(params, compiled_params):
-        torch.testing.assert_close(q, p, rtol=rtol, atol=rtol * p.abs().max().item())
-    state, compiled_state = opt.state_dict()["state"], compiled_opt.state_dict()["state"]
-    for i, s in state.items():
-        assert int(compiled_state[i]["step"]) == int(s["step"]) == 8
-    assert compiled_opt.diagnostics() == opt.diagnostics()
-    # step 1 (static), then one graph per schedule decision (root due or not): never one per step
-    assert counter.frame_count <= 3, counter.frame_count
-
-
 def run_both(name: str, settings: dict, backend, steps: int, missing: dict[int, set[int]] = {},
              scale: float = 1e-3):
     """Eager and compiled runs of ``name`` on the same gradients; ``missing[k]``: the parameters
@@ -105,6 +79,19 @@ def assert_same_run(eager, compiled, rtol: float) -> None:
     assert compiled_opt.diagnostics() == opt.diagnostics()
 
 
+@pytest.mark.parametrize("scale", [1e-3, pytest.param(1e-4, marks=SLOW)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) if n == "Shampoo" else n
+                                  for n in OPTIMIZERS])
+def test_compiled_step_matches_eager_without_recompiling_each_step(name, scale):
+    counter = CompileCounterWithBackend("aot_eager")
+    eager, compiled = run_both(name, SCHEDULED.get(name, {}), counter, 8, scale=scale)
+    # Muon's default bfloat16 Newton-Schulz differs from eager by its round-off (~1e-2 relative)
+    assert_same_run(eager, compiled, rtol=2e-2 if name == "Muon" else 1e-5)
+    assert all(int(s["step"]) == 8 for s in compiled[1].state_dict()["state"].values())
+    # step 1 (static), then one graph per schedule decision (root due or not): never one per step
+    assert counter.frame_count <= 3, counter.frame_count
+
+
 # parameter 1 misses steps 2 and 3, parameter 2 step 4: their schedules fall behind the others'
 MISSING = {2: {1}, 3: {1}, 4: {2}}
 
@@ -125,39 +112,23 @@ def test_inductor_compiled_step_matches_eager(name, missing):
     assert_same_run(eager, compiled, rtol=1e-5)
 
 
-def test_resumed_optimizer_keeps_its_step_schedule():
-    """The Python step counters that the schedules read follow a loaded state_dict."""
-    params, opt = make("ASGO", dict(precondition_frequency=3))
-    for k in range(4):
-        for p, g in zip(params, gradients(k, 1e-3)):
-            p.grad = g
-        opt.step()
-    resumed_params, resumed = make("ASGO", dict(precondition_frequency=3))
-    with torch.no_grad():
-        for p, q in zip(params, resumed_params):
-            q.copy_(p)
-    resumed.load_state_dict(opt.state_dict())
-    for k in range(4, 7):  # step 7 is a root step
-        for p, q, g in zip(params, resumed_params, gradients(k, 1e-3)):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        resumed.step()
-    for p, q in zip(params, resumed_params):
-        assert torch.equal(p, q)
-
-
-def test_resumed_optimizer_keeps_the_schedule_of_parameters_that_fell_behind():
-    params, opt = make("ASGO", dict(precondition_frequency=2))
-    resumed_params, resumed = make("ASGO", dict(precondition_frequency=2))
-    for k in range(5):
+# a root every 3rd step, resumed after 4 steps (step 7 is a root step); and parameters that fell
+# behind (MISSING), a root every 2nd step, resumed after 5 steps (parameter 1, at step 3 after
+# call 5, takes its root at call 7)
+@pytest.mark.parametrize("tau, before, missing", [(3, 4, {}), (2, 5, MISSING)])
+def test_resumed_optimizer_keeps_its_step_schedule(tau, before, missing):
+    """The Python clock and cohorts that the schedules read follow a loaded state_dict."""
+    params, opt = make("ASGO", dict(precondition_frequency=tau))
+    resumed_params, resumed = make("ASGO", dict(precondition_frequency=tau))
+    for k in range(before):
         for i, (p, g) in enumerate(zip(params, gradients(k, 1e-3))):
-            p.grad = None if i in MISSING.get(k, ()) else g
+            p.grad = None if i in missing.get(k, ()) else g
         opt.step()
     with torch.no_grad():
         for p, q in zip(params, resumed_params):
             q.copy_(p)
     resumed.load_state_dict(opt.state_dict())
-    for k in range(5, 9):  # parameter 1 (step 3 after step 5) takes its root at step 5 = call 7
+    for k in range(before, before + 4):
         for p, q, g in zip(params, resumed_params, gradients(k, 1e-3)):
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()

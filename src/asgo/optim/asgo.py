@@ -83,8 +83,8 @@ class ASGO(MatrixOptimizer):
         ``skipped_steps`` and ``root_failures`` (a non-finite root keeps the previous one;
         identity under ``compat='official'``). Defaults are the authors' code values but
         ``precondition_frequency`` (theirs: 1) and ``root_method`` (theirs: Polar Express,
-        which ``'auto'`` runs off the CPU); the default root departs from their code at small gradient scales and on rank-deficient
-        ``V`` (measured in ``docs/optimizers.md``). Reference:
+        which ``'auto'`` runs off the CPU); the default root departs from their code at small
+        gradient scales and on rank-deficient ``V`` (measured in ``docs/optimizers.md``). Reference:
         :func:`asgo.optim.reference.asgo_step`.
     """
 
